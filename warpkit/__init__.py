@@ -1,0 +1,27 @@
+"""warpkit: WARP (Weight Averaged Rewarded Policies, Ramé et al. 2024) for Hugging Face TRL.
+
+Public names are imported lazily, so `import warpkit` stays cheap and has no side effects:
+the merge math does not pull in transformers or TRL, and TRL is imported only by what needs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY: dict[str, str] = {}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'warpkit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
