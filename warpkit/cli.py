@@ -99,9 +99,31 @@ def _tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- train
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="run the iterated WARP loop (M RL runs, SLERP, LITI, I iterations); resumable",
+        description="Run Algorithm 1 of WARP from a YAML config. Each RL run is an `accelerate launch` "
+        "subprocess; re-running the same command resumes after a crash and skips finished work. "
+        "Any config field can be overridden: --iterations 3, --rl.beta 0.05, --output_dir DIR.",
+    )
+    p.add_argument("config", help="YAML config, e.g. configs/warp_tiny.yaml")
+    p.set_defaults(run=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from warpkit import driver
+
+    driver.main([args.config, *args.overrides])
+    return 0
+
+
 # ----------------------------------------------------------------------------- main
 
-_PARSERS = [_default_model_parser, _tiny_model_parser]
+_PARSERS = [_default_model_parser, _tiny_model_parser, _train_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,8 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.run(args)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.run is not _train:  # only `train` takes free-form --field VALUE overrides
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.overrides = rest
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"warpkit: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
