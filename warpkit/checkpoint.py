@@ -12,6 +12,7 @@ The product B @ A is formed row block by row block; A and B are never combined s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -117,10 +118,10 @@ class _Files:
 
     def close(self) -> None:
         for mm in self._maps.values():
-            try:
+            with contextlib.suppress(
+                BufferError
+            ):  # a tensor still views it: closed when that tensor is freed
                 mm.close()
-            except BufferError:  # a tensor still views it; the map closes when that tensor is freed
-                pass
         self._maps.clear()
 
 
