@@ -6,7 +6,7 @@ so two runs from one init have (nearly) orthogonal task vectors, like independen
 As a script: `python tests/driver_fakes.py OUTPUT_DIR SFT_DIR [CRASH_POINT]` runs the WARP loop (I=2, M=2) with
 the fake trainer and, if CRASH_POINT is given, kills itself with SIGKILL there:
 - `run`: midway through iteration 1's second run, after its policy folder was half written;
-- `merge`: inside iteration 1's merge, after the first output file was written;
+- `merge`: inside iteration 1's merge, after the first tensor was written to the output shard;
 - `between`: right after iteration 1's merge was recorded, before iteration 2 starts.
 """
 
@@ -68,17 +68,17 @@ def _main(output_dir: str, sft: str, crash: str | None = None) -> None:
         fake_train(spec, env, crash_midway=crash == "run" and spec.key == "iter_1/run_2")
 
     if crash == "merge":
-        import warpkit.checkpoint as checkpoint
+        from warpkit.checkpoint import ShardedWriter
 
-        original = checkpoint.save_file if hasattr(checkpoint, "save_file") else None
-        if original is None:
-            raise RuntimeError("warpkit.checkpoint.save_file not found: update the crash hook")
+        write = ShardedWriter.write
 
-        def save_then_die(*args, **kwargs):
-            original(*args, **kwargs)
+        def write_then_die(self, *args, **kwargs):
+            write(
+                self, *args, **kwargs
+            )  # the first tensor of the merge reaches the disk, then the process dies
             os.kill(os.getpid(), signal.SIGKILL)
 
-        checkpoint.save_file = save_then_die
+        ShardedWriter.write = write_then_die
     if crash == "between":
         from warpkit.driver import Manifest
 

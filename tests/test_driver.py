@@ -63,10 +63,9 @@ def test_loop_artefacts_merge_and_liti_by_hand(sft, tmp_path, capsys):
         torch.testing.assert_close(merged[name].double(), expected_merge, rtol=0, atol=2e-6)
         expected_liti = 0.7 * w.double() + 0.3 * merged[name].double()
         torch.testing.assert_close(next_init[name].double(), expected_liti, rtol=0, atol=2e-6)
-        # Near-orthogonal task vectors: SLERP keeps the norm that LERP would shrink by ~1/sqrt(2).
-        d = merged[name].double() - w.double()
-        d1 = p1[name].double() - w.double()
-        assert d.norm() == pytest.approx(d1.norm().item(), rel=0.05)
+        if w.numel() > 100_000:  # the embedding: noise task vectors of equal norm, ~90 degrees apart
+            d, d1 = merged[name].double() - w.double(), p1[name].double() - w.double()
+            assert d.norm() == pytest.approx(d1.norm().item(), rel=0.01)  # SLERP keeps it; LERP: x 0.71
 
     # The next iteration's init is a complete save_pretrained folder with the init's config and tokenizer.
     assert {"config.json", "tokenizer_config.json", "model.safetensors"} <= {

@@ -330,31 +330,26 @@ def default_merge(
     config: WarpConfig,
 ) -> dict[str, Any]:
     """Stage 2 (SLERP of the policies' task vectors) to `merged_out`, stage 3 (LITI) to `next_init_out`."""
-    from warpkit.checkpoint import merge_folders
+    from warpkit.merge_io import merge_folders
 
-    stats = merge_folders(
-        method=config.merge_method,
-        init=init,
-        models=list(policies),
-        out=merged_out,
-        weights=config.merge_weights,
+    report = merge_folders(
+        config.merge_method,
+        init,
+        list(policies),
+        merged_out,
+        config.merge_weights,
         granularity=config.merge_granularity,
+        allow_extrapolation=config.allow_extrapolation,
     )
     liti_folder(init, merged_out, next_init_out, config.liti_eta, config.allow_extrapolation)
-    return stats
+    return report.log()
 
 
 def liti_folder(init: Path, merged: Path, out: Path, eta: float, allow_extrapolation: bool) -> None:
-    from warpkit.checkpoint import merge_folders
+    """(1 - η) init + η merged, streamed to `out`: LITI is the LERP of the single model `merged`."""
+    from warpkit.merge_io import merge_folders
 
-    merge_folders(
-        method="lerp",
-        init=init,
-        models=[init, merged],
-        out=out,
-        weights=[1 - eta, eta],
-        allow_extrapolation=allow_extrapolation,
-    )
+    merge_folders("lerp", init, [merged], out, liti_eta=eta, allow_extrapolation=allow_extrapolation)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -512,18 +507,22 @@ def run_warp(
     return init
 
 
-def _summary(stats: dict[str, Any]) -> dict[str, Any]:
-    """The scalar part of the merge statistics, for the manifest."""
-    return {k: v for k, v in stats.items() if isinstance(v, int | float | str)}
+def _summary(stats: dict[str, float]) -> dict[str, float]:
+    """Means over groups of the per-group merge metrics (`merge/<group>/<metric>` -> `<metric>_mean`)."""
+    by_metric: dict[str, list[float]] = {}
+    for key, value in stats.items():
+        if math.isfinite(value):
+            by_metric.setdefault(key.rsplit("/", 1)[-1], []).append(value)
+    return {
+        f"{m}_mean": sum(v) / len(v) for m, v in by_metric.items() if m in ("angle_deg", "cos", "merged_norm")
+    }
 
 
-def _print_stats(iteration: int, stats: dict[str, Any]) -> None:
-    scalars = _summary(stats)
-    if scalars:
+def _print_stats(iteration: int, stats: dict[str, float]) -> None:
+    summary = _summary(stats)
+    if summary:
         print(
-            f"warpkit: iteration {iteration} merge: "
-            + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in scalars.items()),
-            flush=True,
+            f"warpkit: iteration {iteration} merge: " + ", ".join(f"{k}={v:.4g}" for k, v in summary.items())
         )
 
 
