@@ -46,7 +46,8 @@ class RLArguments:
         reward_funcs: rewards, each `"package.module:function"` (TRL's `reward_funcs` signature) or the path of
             a sequence-classification reward model folder.
         dataset: prompts: `"package.module:function"` returning a `datasets.Dataset` (called with
-            `dataset_split`), a `.json`/`.jsonl`/`.parquet`/`.csv` file, or a `save_to_disk` folder.
+            `dataset_split`), a `.json`/`.jsonl`/`.parquet`/`.csv` file, a `save_to_disk` folder, or a
+            downloaded dataset repository folder (read locally).
             It needs a `prompt` column (plain text or chat messages).
         dataset_split: split passed to a dataset function.
         anchor: `"ema"` (WARP stage 1: the reference is an EMA of the policy) or `"sft"` (TRL's fixed
@@ -142,8 +143,10 @@ def load_prompts(spec: str, split: str = "train"):
     import datasets
 
     path = Path(spec).expanduser()
-    if path.is_dir():
+    if path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "dataset_info.json")):
         dataset = datasets.load_from_disk(str(path))
+    elif path.is_dir():  # a downloaded dataset repository (parquet/json files): read locally, no hub access
+        dataset = datasets.load_dataset(str(path), split=split)
     elif path.is_file():
         kind = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)
         if kind is None:
@@ -295,11 +298,31 @@ def save_policy(trainer, output_dir: str | Path) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> Path:
     """Train one run to the end (resuming from its last complete checkpoint) and save its policy."""
+    import json
+
+    from warpkit import __version__
+
     rl_args, training_args, model_args = parse_args(argv)
     trainer = build_trainer(rl_args, training_args, model_args)
     resume = last_complete_checkpoint(training_args.output_dir)
     trainer.train(resume_from_checkpoint=resume)
-    return save_policy(trainer, training_args.output_dir)
+    policy = save_policy(trainer, training_args.output_dir)
+    if trainer.accelerator.is_main_process:
+        info = {
+            "warpkit_version": __version__,
+            "algorithm": rl_args.algorithm,
+            "anchor": rl_args.anchor,
+            "ema_rate": rl_args.ema_rate,
+            "beta": training_args.beta,
+            "data_seed": training_args.data_seed,
+            "num_processes": trainer.accelerator.num_processes,
+            "distributed_type": str(trainer.accelerator.distributed_type),
+            "global_step": trainer.state.global_step,
+            "resumed_from": resume,
+            "policy": str(policy),
+        }
+        (Path(training_args.output_dir) / "run_info.json").write_text(json.dumps(info, indent=1))
+    return policy
 
 
 if __name__ == "__main__":
