@@ -31,5 +31,6 @@ def test_warp_config_parses(path, tmp_path):
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
     rl_args, training_args, model_args = parse_args(["--config", str(tmp_path / "run.yaml")])
     assert training_args.beta > 0 and rl_args.anchor == "ema"
+    assert model_args.use_peft == ("lora" in path.name)
     if config.accelerate_config:
         assert (CONFIGS.parent / config.accelerate_config).is_file()
