@@ -166,7 +166,8 @@ class EMAAnchorCallback(TrainerCallback):
         self.update_every = update_every
         self.lora_mode: LoraMode = lora_mode
         self.num_updates = 0
-        self.resume_dir: str | None = None  # set to restore from a checkpoint outside args.output_dir
+        self.resume_dir: str | None = None  # the checkpoint `trainer.train(resume_from_checkpoint=...)` loads
+        _record_resume_dir(trainer, self)
         self._layout: _Layout | None = None
         self._hooks: list[Any] = []
         self._peft = _peft_model(trainer)
@@ -347,6 +348,21 @@ class EMAAnchorCallback(TrainerCallback):
         if isinstance(store, dict) and "train" in store:
             for key, value in metrics.items():
                 store["train"][key].append(value)
+
+
+def _record_resume_dir(trainer, callback: EMAAnchorCallback) -> None:
+    """Note which checkpoint a resumed `train()` loads: callbacks are not told, and it may lie outside output_dir.
+
+    `Trainer` loads the optimizer from the resumed checkpoint before `on_train_begin` in every setup (plain,
+    DDP, DeepSpeed), so the callback wraps that one method of this trainer instance.
+    """
+    load = trainer._load_optimizer_and_scheduler
+
+    def load_and_record(checkpoint, *args, **kwargs):
+        callback.resume_dir = checkpoint
+        return load(checkpoint, *args, **kwargs)
+
+    trainer._load_optimizer_and_scheduler = load_and_record
 
 
 def _logging_every(args, state) -> int:

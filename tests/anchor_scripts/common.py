@@ -57,7 +57,7 @@ def make_config(kind: str, output_dir: str | Path, **overrides):
     return cls(**kw)
 
 
-def make_trainer(kind: str, model, tokenizer_dir, output_dir, **overrides):
+def make_trainer(kind: str, model, tokenizer_dir, output_dir, *, peft_config=None, **overrides):
     from transformers import AutoTokenizer
     from trl import GRPOTrainer, RLOOTrainer
 
@@ -68,6 +68,7 @@ def make_trainer(kind: str, model, tokenizer_dir, output_dir, **overrides):
         args=make_config(kind, output_dir, **overrides),
         train_dataset=prompt_dataset(),
         processing_class=AutoTokenizer.from_pretrained(tokenizer_dir),
+        peft_config=peft_config,
     )
 
 
