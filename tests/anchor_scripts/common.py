@@ -1,0 +1,107 @@
+"""Shared set-up for the anchor tests and their multi-process scripts: a tiny RLOO/GRPO run on CPU.
+
+Kept importable without pytest, because `accelerate launch` runs the scripts beside it in fresh processes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback
+
+PROMPTS = [
+    "The movie was",
+    "I think that",
+    "Once upon a time",
+    "The food here",
+    "My day was",
+    "This book is",
+] * 4
+
+
+def length_reward(completions, **kwargs) -> list[float]:
+    """Deterministic reward: longer completions score higher (enough signal to move a tiny policy)."""
+    return [float(len(c)) / 10.0 for c in completions]
+
+
+def prompt_dataset() -> Dataset:
+    return Dataset.from_dict({"prompt": PROMPTS})
+
+
+def make_config(kind: str, output_dir: str | Path, **overrides):
+    """A GRPOConfig/RLOOConfig for a few fast CPU steps; `overrides` win."""
+    from trl import GRPOConfig, RLOOConfig
+
+    cls = {"rloo": RLOOConfig, "grpo": GRPOConfig}[kind]
+    kw = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=6,
+        max_steps=4,
+        learning_rate=5e-3,
+        beta=0.1,
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+        data_seed=0,
+        temperature=1.0,
+        disable_dropout=True,
+    )
+    kw.update(overrides)
+    return cls(**kw)
+
+
+def make_trainer(kind: str, model, tokenizer_dir, output_dir, *, peft_config=None, **overrides):
+    from transformers import AutoTokenizer
+    from trl import GRPOTrainer, RLOOTrainer
+
+    cls = {"rloo": RLOOTrainer, "grpo": GRPOTrainer}[kind]
+    return cls(
+        model=model,
+        reward_funcs=length_reward,
+        args=make_config(kind, output_dir, **overrides),
+        train_dataset=prompt_dataset(),
+        processing_class=AutoTokenizer.from_pretrained(tokenizer_dir),
+        peft_config=peft_config,
+    )
+
+
+class PolicySnapshots(TrainerCallback):
+    """Records the policy's parameters (fp64, by name) at train begin and after every optimizer step."""
+
+    def __init__(self, trainer, names: list[str] | None = None) -> None:
+        self.trainer = trainer
+        self.names = names
+        self.snapshots: list[dict[str, torch.Tensor]] = []
+
+    def _take(self) -> None:
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        self.snapshots.append(
+            {
+                n: p.detach().to(torch.float64).clone()
+                for n, p in model.named_parameters()
+                if self.names is None or n in self.names
+            }
+        )
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._take()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._take()
+
+
+def ema_reference(snapshots: list[dict[str, torch.Tensor]], ema_rate: float, update_every: int = 1) -> dict:
+    """The anchor recomputed in float64: a_0 = policy_0, a_t = (1 - mu) a_{t-1} + mu policy_t every tau steps."""
+    anchor = {n: t.clone() for n, t in snapshots[0].items()}
+    for step, snap in enumerate(snapshots[1:], start=1):
+        if step % update_every == 0:
+            for n in anchor:
+                anchor[n] = (1 - ema_rate) * anchor[n] + ema_rate * snap[n]
+    return anchor
