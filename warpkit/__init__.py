@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _LAZY: dict[str, str] = {
+    "EMAAnchorCallback": "warpkit.anchor",
     "task_vector": "warpkit.merge",
     "lerp": "warpkit.merge",
     "slerp": "warpkit.merge",

@@ -497,6 +497,7 @@ def run_warp(
 
     manifest.steps["final_init"] = {"inputs": "", "outputs": {}, "path": str(init)}
     manifest.save()
+    _print_artefacts(out, config)
     if not did_work:
         print(
             f"warpkit: nothing to do: all {config.iterations * M} runs and {config.iterations} merges in "
@@ -524,6 +525,20 @@ def _print_stats(iteration: int, stats: dict[str, float]) -> None:
         print(
             f"warpkit: iteration {iteration} merge: " + ", ".join(f"{k}={v:.4g}" for k, v in summary.items())
         )
+
+
+def _print_artefacts(out: Path, config: WarpConfig) -> None:
+    print(f"warpkit: artefacts under {out}:")
+    for i in range(1, config.iterations + 1):
+        it = f"iter_{i}"
+        runs = ", ".join(f"{it}/run_{m}/policy" for m in range(1, config.num_policies + 1))
+        print(
+            f"  iteration {i}: policies {runs}; merged {it}/merged; next init {it}/next_init; "
+            f"geometry {it}/merge_stats.json"
+        )
+    if config.front_etas:
+        print(f"  front: {', '.join(f'front/eta_{e:g}' for e in config.front_etas)}")
+    print(f"  manifest: {MANIFEST_NAME}; per-run logs: iter_*/run_*/train.log (and report_to)")
 
 
 def validate_rl_section(config: WarpConfig) -> None:
