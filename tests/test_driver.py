@@ -290,3 +290,44 @@ def test_run_with_two_cpu_processes(tmp_path, hermetic_env):
     info = json.loads((out / "iter_1" / "run_1" / "run_info.json").read_text())
     assert info["num_processes"] == 2 and info["global_step"] == 2
     assert (out / "iter_1" / "next_init" / "config.json").is_file()
+
+
+def test_baselines_train_from_sft_with_equal_sequential_budget(sft, tmp_path):
+    seen = {}
+
+    def train(spec, env):
+        seen[spec.key] = (spec.init, spec.run_config())
+        fake_train(spec, env)
+
+    cfg = tiny_config(
+        tmp_path / "o",
+        sft,
+        rl={"beta": 0.1, "max_steps": 5},
+        baselines=[
+            {"name": "sft_beta0_1", "rl": {"anchor": "sft"}},
+            {"name": "ema_long", "rl": {"max_steps": 7}},
+        ],
+    )
+    run_warp(cfg, train_fn=train)
+    assert set(seen) == {f"iter_{i}/run_{m}" for i in (1, 2) for m in (1, 2)} | {
+        "baselines/sft_beta0_1", "baselines/ema_long",
+    }  # fmt: skip
+    init, run = seen["baselines/sft_beta0_1"]
+    assert init == sft and run["anchor"] == "sft" and run["beta"] == 0.1
+    assert (run["max_steps"], run["save_steps"], run["save_total_limit"]) == (10, 5, None)  # I * T, every T
+    assert seen["baselines/ema_long"][1]["max_steps"] == 7  # an explicit budget is kept
+    assert seen["iter_1/run_1"][1]["max_steps"] == 5
+    assert (tmp_path / "o" / "baselines" / "ema_long" / "policy" / "model.safetensors").is_file()
+    seen.clear()
+    run_warp(cfg, train_fn=train)
+    assert seen == {}  # resumable like the WARP runs
+
+
+def test_bad_baselines_are_refused(sft, tmp_path):
+    with pytest.raises(ValueError, match="unique"):
+        tiny_config(tmp_path, sft, baselines=[{"name": "a"}, {"name": "a"}])
+    with pytest.raises(ValueError, match="name: <identifier>"):
+        tiny_config(tmp_path, sft, baselines=[{"name": "a", "beta": 0.1}])
+    cfg = tiny_config(tmp_path, sft, rl={"use_cpu": True}, baselines=[{"name": "b", "rl": {"beta": 0.0}}])
+    with pytest.raises(ValueError, match=r"invalid baselines\[b\].rl: beta=0"):
+        driver.validate_rl_section(cfg)

@@ -71,6 +71,11 @@ class WarpConfig:
             iteration go side by side on disjoint GPU sets.
         rl: the fields of each run's config: TRL's RLOOConfig/GRPOConfig, TRL's ModelConfig (LoRA) and
             `warpkit.rl.RLArguments`. `model_name_or_path`, `output_dir` and `data_seed` are set per run.
+        baselines: single RL runs from the SFT init in the same harness, each `{name: ..., rl: {...}}` whose
+            rl fields override the rl section (e.g. `{name: sft_beta0.1, rl: {anchor: sft, beta: 0.1}}`).
+            Equal budget: a baseline trains `iterations * rl.max_steps` steps (as many sequential steps as
+            WARP's final policy has seen), unless its rl sets max_steps; checkpoints every rl.max_steps steps
+            are kept as its trajectory.
     """
 
     model_name_or_path: str
@@ -88,6 +93,7 @@ class WarpConfig:
     num_processes: int = 1
     gpus_per_run: int | None = None
     rl: dict[str, Any] = field(default_factory=dict)
+    baselines: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.iterations < 1:
@@ -109,11 +115,22 @@ class WarpConfig:
             )
         if self.num_processes < 1:
             raise ValueError(f"num_processes={self.num_processes} must be >= 1.")
-        reserved = {"model_name_or_path", "output_dir", "data_seed"} & set(self.rl)
-        if reserved:
-            raise ValueError(
-                f"rl.{sorted(reserved)[0]} is set by the driver per run; remove it from the rl section."
-            )
+        for b in self.baselines:
+            if set(b) - {"name", "rl"} or not isinstance(b.get("name"), str) or not b["name"].isidentifier():
+                raise ValueError(
+                    f"baseline {b!r}: give {{name: <identifier>, rl: {{...}}}} (e.g. name: sft_beta0_1)."
+                )
+        names = [b["name"] for b in self.baselines]
+        if len(set(names)) != len(names):
+            raise ValueError(f"baseline names must be unique, got {names}.")
+        sections = [
+            ("rl", self.rl),
+            *((f"baselines[{b['name']}].rl", b.get("rl", {})) for b in self.baselines),
+        ]
+        for section, rl in sections:
+            reserved = {"model_name_or_path", "output_dir", "data_seed"} & set(rl)
+            if reserved:
+                raise ValueError(f"{section}.{sorted(reserved)[0]} is set by the driver per run; remove it.")
 
 
 def _parse_value(text: str) -> Any:
@@ -244,8 +261,12 @@ class RunSpec:
     data_seed: int
     rl: dict[str, Any]
 
+    name: str | None = None  # baselines are named; WARP runs are keyed by (iteration, index)
+
     @property
     def key(self) -> str:
+        if self.name is not None:
+            return f"baselines/{self.name}"
         return f"iter_{self.iteration}/run_{self.index}"
 
     @property
@@ -365,6 +386,20 @@ def _prepare_run_dir(spec: RunSpec, inputs: str) -> None:
     (spec.output_dir / "warp_run.yaml").write_text(yaml.safe_dump(spec.run_config(), sort_keys=True))
     if spec.policy_dir.exists():  # a policy not in the manifest is not trusted
         shutil.rmtree(spec.policy_dir)
+
+
+def baseline_specs(config: WarpConfig, sft: Path, out: Path) -> list[RunSpec]:
+    """One run per baseline, from the SFT init, under `baselines/<name>/`, with equal sequential budget."""
+    specs = []
+    for n, baseline in enumerate(config.baselines):
+        rl = {**config.rl, **baseline.get("rl", {})}
+        if "max_steps" not in baseline.get("rl", {}) and "max_steps" in config.rl:
+            rl["max_steps"] = config.iterations * int(config.rl["max_steps"])
+            rl["save_steps"] = int(config.rl["max_steps"])  # a checkpoint per WARP-iteration length
+            rl["save_total_limit"] = None  # keep them all: they are the trajectory the frontier draws
+        folder = out / "baselines" / baseline["name"]
+        specs.append(RunSpec(0, n + 1, sft, folder, config.seed, rl, name=baseline["name"]))
+    return specs
 
 
 def _train_one(
@@ -495,6 +530,14 @@ def run_warp(
         liti_folder(sft, final_merged, point, eta, config.allow_extrapolation)
         manifest.record(key, inputs, [point], eta=eta)
 
+    baselines = baseline_specs(config, sft, out)
+    inputs = {s.key: fingerprint([sft_hash, s.rl, s.data_seed]) for s in baselines}
+    pending = [s for s in baselines if not manifest.done(s.key, inputs[s.key], [s.policy_dir])]
+    if pending:
+        did_work = True
+        print(f"warpkit: baselines: training {len(pending)} of {len(baselines)} runs", flush=True)
+        _train_side_by_side(pending, inputs, slots, train_fn, manifest)
+
     manifest.steps["final_init"] = {"inputs": "", "outputs": {}, "path": str(init)}
     manifest.save()
     _print_artefacts(out, config)
@@ -538,29 +581,30 @@ def _print_artefacts(out: Path, config: WarpConfig) -> None:
         )
     if config.front_etas:
         print(f"  front: {', '.join(f'front/eta_{e:g}' for e in config.front_etas)}")
+    for b in config.baselines:
+        print(f"  baseline {b['name']}: baselines/{b['name']}/policy (checkpoints: its trajectory)")
     print(f"  manifest: {MANIFEST_NAME}; per-run logs: iter_*/run_*/train.log (and report_to)")
 
 
 def validate_rl_section(config: WarpConfig) -> None:
-    """Parse the rl section exactly as each run will, so a bad field fails before any training starts."""
+    """Parse every run's rl fields exactly as the run will, so a bad field fails before any training starts."""
     import tempfile
 
     from warpkit.rl import check_args, parse_args
 
+    sections = [("rl", config.rl)] + [
+        (f"baselines[{s.name}].rl", s.rl) for s in baseline_specs(config, Path("."), Path("."))
+    ]
     with tempfile.TemporaryDirectory() as tmp:
-        run = {
-            **config.rl,
-            "model_name_or_path": config.model_name_or_path,
-            "output_dir": tmp,
-            "data_seed": 0,
-        }
-        path = Path(tmp) / "run.yaml"
-        path.write_text(yaml.safe_dump(run))
-        try:
-            rl_args, training_args, model_args = parse_args(["--config", str(path)])
-        except (ValueError, SystemExit) as e:
-            raise ValueError(f"invalid rl section: {e}") from e
-        check_args(rl_args, training_args, model_args)
+        for section, rl in sections:
+            run = {**rl, "model_name_or_path": config.model_name_or_path, "output_dir": tmp, "data_seed": 0}
+            path = Path(tmp) / "run.yaml"
+            path.write_text(yaml.safe_dump(run))
+            try:
+                rl_args, training_args, model_args = parse_args(["--config", str(path)])
+                check_args(rl_args, training_args, model_args)
+            except (ValueError, SystemExit) as e:
+                raise ValueError(f"invalid {section}: {e}") from e
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
