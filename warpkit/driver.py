@@ -76,6 +76,11 @@ class WarpConfig:
             Equal budget: a baseline trains `iterations * rl.max_steps` steps (as many sequential steps as
             WARP's final policy has seen), unless its rl sets max_steps; checkpoints every rl.max_steps steps
             are kept as its trajectory.
+        frontier: if set, end with the reward-KL evaluation: fields of `warpkit.frontier_config.FrontierConfig`
+            except reference and policies, which the driver fills (the SFT init; the LITI front
+            (1 - η) sft + η merged_i of every iteration over `frontier_etas`; each baseline's trajectory).
+            The generated config is kept as `frontier.yaml`; results go to `frontier/`.
+        frontier_etas: the η grid of each iteration's LITI front in the frontier evaluation.
     """
 
     model_name_or_path: str
@@ -94,6 +99,8 @@ class WarpConfig:
     gpus_per_run: int | None = None
     rl: dict[str, Any] = field(default_factory=dict)
     baselines: list[dict[str, Any]] = field(default_factory=list)
+    frontier: dict[str, Any] | None = None
+    frontier_etas: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.3, 0.5, 0.8, 1.0])
 
     def __post_init__(self) -> None:
         if self.iterations < 1:
@@ -105,6 +112,10 @@ class WarpConfig:
                 raise ValueError(
                     f"{name}={eta} is outside [0, 1]; set allow_extrapolation: true to extrapolate (eta > 1)."
                 )
+        if self.frontier is not None and {"reference", "policies"} & set(self.frontier):
+            raise ValueError(
+                "frontier.reference and frontier.policies are filled by the driver; remove them."
+            )
         if self.merge_method not in MERGE_METHODS:
             raise ValueError(f"merge_method={self.merge_method!r}: choose one of {MERGE_METHODS}.")
         if self.merge_granularity not in ("block", "tensor", "model"):
@@ -538,6 +549,9 @@ def run_warp(
         print(f"warpkit: baselines: training {len(pending)} of {len(baselines)} runs", flush=True)
         _train_side_by_side(pending, inputs, slots, train_fn, manifest)
 
+    if config.frontier is not None:
+        did_work |= _evaluate_frontier(config, sft, out, manifest, [s.key for s in baselines])
+
     manifest.steps["final_init"] = {"inputs": "", "outputs": {}, "path": str(init)}
     manifest.save()
     _print_artefacts(out, config)
@@ -568,6 +582,71 @@ def _print_stats(iteration: int, stats: dict[str, float]) -> None:
         print(
             f"warpkit: iteration {iteration} merge: " + ", ".join(f"{k}={v:.4g}" for k, v in summary.items())
         )
+
+
+def frontier_document(config: WarpConfig, sft: Path, out: Path) -> dict[str, Any]:
+    """The frontier config for this run's artefacts: WARP's LITI front per iteration and each baseline."""
+    policies: list[dict[str, Any]] = [
+        {
+            "name": f"warp-iter{i}",
+            "method": f"warp_iter{i}",
+            "liti": {
+                "init": str(sft),
+                "merged": str(out / f"iter_{i}" / "merged"),
+                "etas": config.frontier_etas,
+            },
+            "params": {"iteration": i, "num_policies": config.num_policies, "liti_eta": config.liti_eta},
+        }
+        for i in range(1, config.iterations + 1)
+    ]
+    labels = {
+        f"warp_iter{i}": f"WARP iteration {i} (LITI front from SFT)" for i in range(1, config.iterations + 1)
+    }
+    for spec in baseline_specs(config, sft, out):
+        anchor = spec.rl.get("anchor", "ema")
+        method = f"{anchor}_anchor"
+        labels.setdefault(method, {"sft": "RL, SFT anchor", "ema": "RL, EMA anchor, no merge"}[anchor])
+        params = {k: spec.rl[k] for k in ("beta", "ema_rate") if k in spec.rl}
+        policies.append(
+            {
+                "name": spec.name,
+                "method": method,
+                "trajectory": str(spec.output_dir / "checkpoint-*"),
+                "params": params,
+            }
+        )
+    user = dict(config.frontier or {})
+    return {
+        "title": f"WARP (I={config.iterations}, M={config.num_policies}) vs baselines",
+        **user,
+        "method_labels": {**labels, **user.get("method_labels", {})},
+        "reference": str(sft),
+        "policies": policies,
+        "output_dir": str(out / "frontier"),
+    }
+
+
+def _evaluate_frontier(
+    config: WarpConfig, sft: Path, out: Path, manifest: Manifest, baseline_keys: list[str]
+) -> bool:
+    """Run the frontier evaluation unless the manifest has it for these exact inputs. Returns whether it ran."""
+    from warpkit.frontier_config import load_frontier_config
+    from warpkit.frontier_run import run_frontier, write_frontier
+
+    document = frontier_document(config, sft, out)
+    merges = [manifest.steps[f"iter_{i}/merge"]["outputs"] for i in range(1, config.iterations + 1)]
+    baselines = [manifest.steps[k]["outputs"] for k in baseline_keys]
+    inputs = fingerprint([document, merges, baselines])
+    if manifest.done("frontier", inputs, [out / "frontier"]):
+        print("warpkit: frontier: done (manifest), skipping.", flush=True)
+        return False
+    path = out / "frontier.yaml"
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    print(f"warpkit: frontier: evaluating {len(document['policies'])} policy groups ({path})", flush=True)
+    write_frontier(run_frontier(load_frontier_config(path)), out / "frontier")
+    manifest.record("frontier", inputs, [out / "frontier"])
+    print(f"warpkit: frontier: {out / 'frontier' / 'frontier.png'}", flush=True)
+    return True
 
 
 def _print_artefacts(out: Path, config: WarpConfig) -> None:
