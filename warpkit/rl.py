@@ -304,7 +304,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
     rl_args, training_args, model_args = parse_args(argv)
     trainer = build_trainer(rl_args, training_args, model_args)
-    resume = last_complete_checkpoint(training_args.output_dir)
+    # A save_only_model checkpoint has no optimizer state to resume from: such a run restarts from scratch.
+    resume = None if training_args.save_only_model else last_complete_checkpoint(training_args.output_dir)
     trainer.train(resume_from_checkpoint=resume)
     policy = save_policy(trainer, training_args.output_dir)
     if trainer.accelerator.is_main_process:
