@@ -230,12 +230,12 @@ class LoraCheckpoint:
                 alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", 8))
                 scaling = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
                 self.lora[target] = (key, b_key, scaling, embedding or fan_in_fan_out)
-            elif ".lora_B." in name or name.endswith(".lora_embedding_B") or ".base_layer." in name:
-                continue  # B is read with its A; base_layer is peft's copy of the init's weight
+            elif ".lora_B." in name or name.endswith(".lora_embedding_B"):
+                continue  # read with its A
             elif "lora_" in name:
                 raise ValueError(f"{self.path}: adapter tensor {key} is of a kind warpkit does not densify.")
-            else:
-                self.replaced[name] = key
+            else:  # modules_to_save, trained biases (bias="all"), saved embedding layers: full tensors
+                self.replaced[name.replace(".base_layer.", ".")] = key
         for target, (a_key, b_key, _, transposed) in self.lora.items():
             if target not in self.init.tensors:
                 raise ValueError(
@@ -258,30 +258,21 @@ class LoraCheckpoint:
                     f"{self.init.tensors[target].shape}."
                 )
 
-    def delta_rows(self, name: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor | None:
-        """ΔW rows [start, stop) flattened in `dtype`, or None when the adapter leaves `name` as in the init."""
-        if name in self.lora:
-            a_key, b_key, scaling, transposed = self.lora[name]
-            a = self.adapter.rows(a_key, 0, self.adapter.tensors[a_key].rows, dtype).view(
-                self.adapter.tensors[a_key].shape
-            )
-            b = self.adapter.rows(b_key, 0, self.adapter.tensors[b_key].rows, dtype).view(
-                self.adapter.tensors[b_key].shape
-            )
-            # rows of W = B @ A are rows of B; rows of W = (B @ A)^T are columns of A
-            block = a[:, start:stop].T @ b.T if transposed else b[start:stop] @ a
-            return (block * scaling).flatten()
-        if name in self.replaced:
-            key = self.replaced[name]
-            return self.adapter.rows(key, start, stop, dtype) - self.init.rows(name, start, stop, dtype)
-        return None
+    def _lora_rows(self, name: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        a_key, b_key, scaling, transposed = self.lora[name]
+        a_info, b_info = self.adapter.tensors[a_key], self.adapter.tensors[b_key]
+        a = self.adapter.rows(a_key, 0, a_info.rows, dtype).view(a_info.shape)
+        b = self.adapter.rows(b_key, 0, b_info.rows, dtype).view(b_info.shape)
+        # rows of W = B @ A are rows of B; rows of W = (B @ A)^T are columns of A
+        return (a[:, start:stop].T @ b.T if transposed else b[start:stop] @ a).flatten().mul_(scaling)
 
     def rows(self, name: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """Dense rows: the saved full tensor (or the init's) plus scaling * B @ A where the module has LoRA."""
         if name in self.replaced:
-            return self.adapter.rows(self.replaced[name], start, stop, dtype)
-        base = self.init.rows(name, start, stop, dtype)
-        delta = self.delta_rows(name, start, stop, dtype)
-        return base if delta is None else base.add_(delta)
+            base = self.adapter.rows(self.replaced[name], start, stop, dtype)
+        else:
+            base = self.init.rows(name, start, stop, dtype)
+        return base.add_(self._lora_rows(name, start, stop, dtype)) if name in self.lora else base
 
     @property
     def files(self) -> list[Path]:

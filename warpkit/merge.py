@@ -32,6 +32,7 @@ __all__ = [
     "Granularity",
     "GroupStats",
     "combine",
+    "gram_matrix",
     "group_key",
     "lerp",
     "lerp_coefficients",
@@ -197,6 +198,21 @@ def combine(
     return out
 
 
+def gram_matrix(d: torch.Tensor, block: int = 4096) -> torch.Tensor:
+    """G = d @ d^T in float64 for task vectors d of shape (M, n).
+
+    One float32 dot product over millions of elements loses ~1e-5 relative accuracy (about 1e-3 degrees
+    of angle); partial Gram matrices over blocks of 4096 elements, added in float64, stay within ~1e-7
+    at float32 speed.
+    """
+    m, n = d.shape
+    full = n - n % block
+    blocks = d[:, :full].reshape(m, full // block, block).transpose(0, 1)  # (n / block, M, block)
+    g = torch.bmm(blocks, blocks.transpose(1, 2)).to(torch.float64).sum(0)
+    tail = d[:, full:].to(torch.float64)
+    return (g + tail @ tail.T).cpu()
+
+
 def _check_states(init: State, models: Sequence[State]) -> None:
     if len(models) < 2:
         raise ValueError(f"a merge needs at least 2 models, got {len(models)}.")
@@ -239,7 +255,7 @@ def _merge(
             d = torch.stack([s[name].to(compute_dtype).flatten() - base for s in models])
             if not torch.isfinite(d).all():
                 raise ValueError(f"{name}: NaN or Inf in the init or a model; refusing to merge it.")
-            gram += (d @ d.T).to(torch.float64)
+            gram += gram_matrix(d)
         numel = sum(init[n].numel() for n in names)
         stats[group] = coefficients_of(gram, numel)
         for name in names:

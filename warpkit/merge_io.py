@@ -40,6 +40,7 @@ from warpkit.merge import (
     Granularity,
     GroupStats,
     _check_eta,
+    gram_matrix,
     group_key,
     lerp_coefficients,
     merge_lambdas,
@@ -133,7 +134,7 @@ def _gram_chunk(init, models, name, a, b, cd, device) -> tuple[torch.Tensor, tor
     d = torch.empty(len(models), base.numel(), dtype=cd, device=device)
     for m, theta in enumerate(thetas):
         torch.sub(theta, base, out=d[m])
-    gram = (d @ d.T).to("cpu", torch.float64)
+    gram = gram_matrix(d)
     if not torch.isfinite(gram.diagonal()).all():
         bad = [str(init.path)] if not torch.isfinite(base).all() else []
         bad += [str(mdl.path) for mdl, t in zip(models, thetas, strict=True) if not torch.isfinite(t).all()]
