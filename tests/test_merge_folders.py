@@ -50,7 +50,14 @@ def trio(tiny_model_factory):
 def test_streamed_folder_merge_equals_in_memory_slerp(trio, tmp_path, arch, tied):
     init, a, b = trio(arch, tied)
     report = merge_folders(
-        "slerp", init, [a, b], tmp_path / "out", chunk_numel=50_000, max_shard_size="2MB", progress=False
+        "slerp",
+        init,
+        [a, b],
+        tmp_path / "out",
+        chunk_numel=50_000,
+        max_shard_size="2MB",
+        cache_size="3MB",
+        progress=False,
     )
     out = report.out
     index = json.loads((out / "model.safetensors.index.json").read_text())

@@ -1,8 +1,7 @@
 """Streaming safetensors checkpoints: lazy reads, exact LoRA densification, atomic sharded writes, recipes.
 
-Reads map each file (`mmap`, copy-on-write) and hand out zero-copy row ranges of a tensor, so what a
-merge holds in anonymous memory is one chunk per input, whatever the size or number of the models; the
-pages themselves are the kernel's file cache. The safetensors layout (8-byte little-endian header length,
+Reads copy row ranges of a tensor into reusable buffers with `preadv`, so what a merge holds in memory
+is a bounded set of chunks, whatever the size or number of the models. The safetensors layout (8-byte little-endian header length,
 JSON header, raw little-endian data) is parsed here directly, as the format specifies.
 
 A peft LoRA adapter folder reads as the dense model it stands for: init + scaling * B @ A per target
@@ -12,11 +11,9 @@ The product B @ A is formed row block by row block; A and B are never combined s
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
-import mmap
 import os
 import re
 import shutil
@@ -97,32 +94,41 @@ def _read_header(path: Path) -> tuple[dict, int]:
 
 
 class _Files:
-    """Copy-on-write maps of safetensors files, opened on first use (reads never copy a page)."""
+    """Positional reads (`pread`) of tensor rows into caller-owned buffers.
+
+    Not mmap: on a VM every 4 KiB page fault of a mapped file costs microseconds, which made mapped reads
+    several times slower than copying the same bytes from the page cache in large `preadv` calls.
+    """
 
     def __init__(self) -> None:
-        self._maps: dict[Path, mmap.mmap] = {}
+        self._fds: dict[Path, int] = {}
 
-    def view(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of the tensor as a flat zero-copy tensor of its stored dtype."""
-        mm = self._maps.get(info.file)
-        if mm is None:
-            with open(info.file, "rb") as f:
-                mm = self._maps[info.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        count = (stop - start) * info.row_numel
-        if count == 0:
-            return torch.empty(0, dtype=info.dtype)
+    def read(
+        self, info: TensorInfo, start: int, stop: int, buffer: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Rows [start, stop) of the tensor, flattened, in its stored dtype, read into `buffer` (a uint8
+        tensor of at least the needed bytes; a fresh one if None). Returns a typed view of the buffer."""
         item = torch.empty((), dtype=info.dtype).element_size()
-        return torch.frombuffer(
-            mm, dtype=info.dtype, count=count, offset=info.offset + start * info.row_numel * item
-        )
+        nbytes = (stop - start) * info.row_numel * item
+        target = torch.empty(nbytes, dtype=torch.uint8) if buffer is None else buffer[:nbytes]
+        if nbytes:
+            fd = self._fds.get(info.file)
+            if fd is None:
+                fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+            view, offset, done = memoryview(target.numpy()), info.offset + start * info.row_numel * item, 0
+            while done < nbytes:
+                n = os.preadv(fd, [view[done:]], offset + done)
+                if n <= 0:
+                    raise ValueError(
+                        f"{info.file} is truncated: tensor data ends before byte {offset + nbytes}."
+                    )
+                done += n
+        return target.view(info.dtype)
 
     def close(self) -> None:
-        for mm in self._maps.values():
-            with contextlib.suppress(
-                BufferError
-            ):  # a tensor still views it: closed when that tensor is freed
-                mm.close()
-        self._maps.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 class Checkpoint:
@@ -161,11 +167,11 @@ class Checkpoint:
 
     def rows(self, name: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
         """Rows [start, stop) of tensor `name`, flattened, converted to `dtype` (a fresh tensor)."""
-        return self._io.view(self.tensors[name], start, stop).to(dtype, copy=True)
+        return self._io.read(self.tensors[name], start, stop).to(dtype)
 
-    def raw_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) in the stored dtype, a read-only view of the file (do not modify)."""
-        return self._io.view(self.tensors[name], start, stop)
+    def raw_rows(self, name: str, start: int, stop: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [start, stop) in the stored dtype, read into `buffer` (uint8) when given."""
+        return self._io.read(self.tensors[name], start, stop, buffer)
 
     def close(self) -> None:
         self._io.close()
@@ -457,10 +463,11 @@ def carry_files(init: Path, folder: Path) -> list[str]:
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    h, buffer = hashlib.sha256(), bytearray(chunk)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            h.update(view[:n])
     return h.hexdigest()
 
 
