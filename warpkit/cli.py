@@ -154,6 +154,7 @@ def _merge_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compute-dtype", default=None, help="float32 (default) or float64")
     p.add_argument("--max-shard-size", default=None, help="shard the output by bytes (default 5GB)")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --out")
+    p.add_argument("--no-hash", action="store_true", help="do not record the inputs' sha256 in the recipe")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_merge)
 
@@ -189,6 +190,7 @@ def _merge(args: argparse.Namespace) -> int:
             settings.pop("out"),
             settings.pop("weights", None),
             progress=not args.no_progress,
+            hash_inputs=not args.no_hash,
             **settings,
         )
     except ValueError as e:
