@@ -91,6 +91,8 @@ class GroupStats:
     modes: list[str] = field(default_factory=list)
     merged_norm: float = 0.0
     coefficients: list[float] = field(default_factory=list)
+    # merged = init_coefficient * init + sum_m c_m theta_m; None means 1 - sum c (a merge of task vectors)
+    init_coefficient: float | None = None
 
 
 def merge_lambdas(weights: Sequence[float], *, allow_extrapolation: bool = False) -> list[float]:
@@ -184,14 +186,18 @@ def lerp_coefficients(gram: torch.Tensor, weights: Sequence[float], numel: int =
 
 
 def combine(
-    init: torch.Tensor, models: Sequence[torch.Tensor], coefficients: Sequence[float]
+    init: torch.Tensor,
+    models: Sequence[torch.Tensor],
+    coefficients: Sequence[float],
+    init_coefficient: float | None = None,
 ) -> torch.Tensor:
-    """(1 - sum c) * init + sum_m c_m * theta_m in the dtype of the inputs (call it with fp32/fp64 tensors).
+    """(1 - sum c) * init + sum_m c_m * theta_m in the dtype of the inputs (call it with fp32/fp64 tensors);
+    `init_coefficient` replaces 1 - sum c where a method weighs the init otherwise (unnormalized linear).
 
     Written over the weights, not the task vectors, so λ = 0 and λ = 1 reproduce the inputs bit for bit
     (0 * init + 1 * theta_m), which init + (theta_m - init) does not in floating point.
     """
-    out = init * (1.0 - math.fsum(coefficients))
+    out = init * (1.0 - math.fsum(coefficients) if init_coefficient is None else init_coefficient)
     for theta, coef in zip(models, coefficients, strict=True):
         if coef != 0.0:
             out.add_(theta, alpha=coef)
@@ -263,6 +269,7 @@ def _merge(
                 init[name].to(compute_dtype),
                 [s[name].to(compute_dtype) for s in models],
                 stats[group].coefficients,
+                stats[group].init_coefficient,
             )
             out[name] = merged.to(dtype or init[name].dtype)  # the one cast to the output dtype
     return {n: out[n] for n in init}, stats

@@ -47,11 +47,26 @@ from warpkit.merge import (
     slerp_coefficients,
     stats_to_log,
 )
+from warpkit.toolbox import (
+    ELEMENTWISE,
+    elementwise_task_vector,
+    karcher_coefficients,
+    linear_coefficients,
+    model_stock_coefficients,
+    task_arithmetic_coefficients,
+)
 
 __all__ = ["MergeReport", "merge_folders"]
 
-Method = Literal["slerp", "lerp"]
-METHODS: tuple[str, ...] = ("slerp", "lerp")
+Method = Literal[
+    "slerp", "lerp", "linear", "task_arithmetic", "model_stock", "karcher",
+    "ties", "dare_linear", "dare_ties", "negmerge",
+]  # fmt: skip
+METHODS: tuple[str, ...] = (
+    "slerp", "lerp", "linear", "task_arithmetic", "model_stock", "karcher", *ELEMENTWISE
+)  # fmt: skip
+# Methods whose coefficients depend on the group's geometry: pass 1 (Gram) before pass 2 (write).
+_TWO_PASS = ("slerp", "model_stock", "karcher")
 # Config fields two models must agree on to be merged (shapes and names are checked tensor by tensor).
 _ARCH_KEYS = ("model_type", "architectures", "tie_word_embeddings")
 
@@ -224,10 +239,17 @@ def merge_folders(
     hash_inputs: bool = True,
     num_threads: int = 1,
     progress: bool = True,
+    scale: float | None = None,
+    density: float | None = None,
+    seed: int = 0,
+    normalize: bool = True,
 ) -> MergeReport:
     """Merge `models` (save_pretrained folders or LoRA adapters of `init`) relative to `init` into `out`.
 
-    method: "slerp" (WARP stage 2, the paper's recursion for M > 2) or "lerp" of task vectors.
+    method: "slerp" (WARP stage 2, the paper's recursion for M > 2) or "lerp" of task vectors, or a
+    toolbox method (see `warpkit.toolbox`): "linear" (`normalize`), "task_arithmetic" (`scale`, negative
+    weights negate), "model_stock", "karcher", "ties" (`density`), "dare_linear" / "dare_ties" (`density`
+    = keep probability, `seed`), "negmerge" (`scale`). Element-wise methods work tensor by tensor.
     weights: one per model, uniform by default. granularity: "block" (default), "tensor" or "model".
     liti_eta: if set, write LITI (1 - η) * init + η * merged (WARP stage 3) instead of the merge itself.
     dtype: output dtype (default: each tensor keeps the init's); arithmetic runs in `compute_dtype`.
@@ -259,7 +281,39 @@ def merge_folders(
     w = [float(x) for x in weights] if weights is not None else [1.0] * len(paths)
     if len(w) != len(paths):
         raise ValueError(f"got {len(w)} weights for {len(paths)} models; give one weight per model.")
-    lambdas = merge_lambdas(w, allow_extrapolation=allow_extrapolation)
+    if any(not math.isfinite(x) for x in w):
+        raise ValueError(f"weights must be finite, got {w}.")
+    if method in ("model_stock", "negmerge") and weights is not None:
+        raise ValueError(f"{method} takes no weights (got {w}); drop --weights.")
+    if scale is not None and method not in ("task_arithmetic", *ELEMENTWISE):
+        raise ValueError(f"scale applies to task_arithmetic, ties, dare_* and negmerge, not {method}.")
+    if density is not None and method not in ("ties", "dare_linear", "dare_ties"):
+        raise ValueError(f"density applies to ties, dare_linear and dare_ties, not {method}.")
+    scale = 1.0 if scale is None else float(scale)
+    density = 1.0 if density is None else float(density)
+    if not (math.isfinite(scale) and 0.0 <= density <= 1.0):
+        raise ValueError(f"scale={scale} must be finite and density={density} in [0, 1].")
+    lambdas = (
+        merge_lambdas(w, allow_extrapolation=allow_extrapolation) if method in ("slerp", "lerp") else None
+    )
+    if method == "karcher" and (any(x < 0 for x in w) or sum(w) <= 0):
+        raise ValueError(f"karcher weights must be >= 0 with a positive sum, got {w}.")
+    if method == "linear":
+        linear_coefficients(torch.eye(len(w)), w, normalize=normalize)  # refuses a zero weight sum now
+
+    def coefficients_of(gram: torch.Tensor, numel: int) -> GroupStats:
+        if method == "slerp":
+            return slerp_coefficients(gram, lambdas, numel)
+        if method == "lerp":
+            return lerp_coefficients(gram, w, numel)
+        if method == "linear":
+            return linear_coefficients(gram, w, numel, normalize=normalize)
+        if method == "task_arithmetic":
+            return task_arithmetic_coefficients(gram, w, numel, scale=scale)
+        if method == "model_stock":
+            return model_stock_coefficients(gram, numel)
+        return karcher_coefficients(gram, w, numel)
+
     for p in [init_path, *paths]:
         if p.exists() and out.exists() and p.resolve() == out.resolve():
             raise ValueError(f"out={out} is one of the inputs; write the merge to a new folder.")
@@ -300,7 +354,7 @@ def merge_folders(
                 writer.write(n, 0, init_ckpt.raw_rows(n, 0, info.rows))
         eta = 1.0 if liti_eta is None else liti_eta
         stats: dict[str, GroupStats] = {}
-        passes = 2 if method == "slerp" else 1
+        passes = 2 if method in _TWO_PASS else 1
         bar = tqdm(
             total=passes * sum(len(v) for v in groups.values()),
             unit="tensor",
@@ -308,31 +362,43 @@ def merge_folders(
             desc=f"warpkit merge ({method})",
         )
         stream = _Stream(init_ckpt, ckpts, cd, device, parse_size(cache_size))
+        if method in ELEMENTWISE:  # tensor by tensor: init + η * scale * merged task vector
+            for n in (n for group_names in groups.values() for n in group_names):
+                info = init_ckpt.tensors[n]
+                views = stream.read(n, 0, info.rows, keep=False)
+                gram = stream.gram(n, views)
+                delta = elementwise_task_vector(
+                    method, stream.task_vectors, w, density=density, seed=seed, name=n
+                )
+                writer.write(n, 0, stream.add_to_init(views, delta, eta * scale, out_dtype or info.dtype))
+                stats[n] = lerp_coefficients(gram, [1.0] * len(ckpts), info.numel)
+                stats[n].coefficients, stats[n].merged_norm = [], float(delta.double().norm())
+                bar.update()
+            groups = {}
         for group, group_names in groups.items():
             numel = sum(init_ckpt.tensors[n].numel for n in group_names)
             gram = torch.zeros(len(ckpts), len(ckpts), dtype=torch.float64)
             stream.new_group()
-            if method == "slerp":  # pass 1: the group's Gram matrix, then its coefficients
+            if method in _TWO_PASS:  # pass 1: the group's Gram matrix, then its coefficients
                 for n in group_names:
                     info = init_ckpt.tensors[n]
                     for a, b in _chunks(info.rows, info.row_numel, chunk_numel):
                         gram += stream.gram(n, stream.read(n, a, b, keep=True))
                     bar.update()
-                stats[group] = slerp_coefficients(gram, lambdas, numel)
-            else:
-                stats[group] = lerp_coefficients(gram, w, numel)
+            stats[group] = coefficients_of(gram, numel)  # single-pass methods need no geometry
             coefs = [eta * c for c in stats[group].coefficients]
-            c0 = 1.0 - math.fsum(coefs)
-            for n in group_names:  # pass 2: (1 - η sum c) init + η sum c_m theta_m, cast once, written
+            ic = stats[group].init_coefficient
+            c0 = 1.0 - math.fsum(coefs) if ic is None else 1.0 - eta + eta * ic
+            for n in group_names:  # pass 2: c0 * init + η sum c_m theta_m, cast once, written
                 info = init_ckpt.tensors[n]
                 for a, b in _chunks(info.rows, info.row_numel, chunk_numel):
                     views = stream.read(n, a, b, keep=False)
-                    if method == "lerp":  # one pass: the Gram only feeds the stats (and the NaN check)
+                    if method not in _TWO_PASS:  # one pass: the Gram feeds the stats and the NaN check
                         gram += stream.gram(n, views)
                     writer.write(n, a, stream.combine(views, c0, coefs, out_dtype or info.dtype))
                 bar.update()
-            if method == "lerp":
-                stats[group] = lerp_coefficients(gram, w, numel)
+            if method not in _TWO_PASS:
+                stats[group] = coefficients_of(gram, numel)
         bar.close()
         writer.close()
         write_config(init_ckpt, tmp, out_dtype)
@@ -344,6 +410,10 @@ def merge_folders(
             "granularity": granularity,
             "weights": w,
             "lambdas": lambdas if method == "slerp" else None,
+            "scale": scale if method in ("task_arithmetic", *ELEMENTWISE) else None,
+            "density": density if method in ("ties", "dare_linear", "dare_ties") else None,
+            "seed": seed if method.startswith("dare") else None,
+            "normalize": normalize if method == "linear" else None,
             "liti_eta": liti_eta,
             "allow_extrapolation": allow_extrapolation,
             "dtype": str(out_dtype).removeprefix("torch.") if out_dtype else None,
