@@ -205,7 +205,13 @@ class _Stream:
             raise ValueError(
                 f"{name} has NaN or Inf weights in {bad or 'the task vectors'}; refusing to merge."
             )
+        self.task_vectors = d  # valid until the next call
         return gram
+
+    def add_to_init(self, views: list[torch.Tensor], delta: torch.Tensor, alpha: float, dtype: torch.dtype):
+        """init + alpha * delta in the compute dtype, then cast once (element-wise methods)."""
+        out = self._buffer("out", delta.numel(), self.cd).copy_(views[0]).add_(delta, alpha=alpha)
+        return out if dtype == self.cd else self._buffer("cast", delta.numel(), dtype).copy_(out)
 
     def combine(
         self, views: list[torch.Tensor], c0: float, coefs: list[float], dtype: torch.dtype
@@ -276,8 +282,9 @@ def merge_folders(
         _check_eta(liti_eta, allow_extrapolation)
     init_path, out = Path(init), Path(out)
     paths = [Path(m) for m in models]
-    if len(paths) < 2:
-        raise ValueError(f"{method} needs at least 2 models, got {len(paths)}.")
+    at_least = 2 if method in ("slerp", "lerp", "model_stock") else 1
+    if len(paths) < at_least:
+        raise ValueError(f"{method} needs at least {at_least} models, got {len(paths)}.")
     w = [float(x) for x in weights] if weights is not None else [1.0] * len(paths)
     if len(w) != len(paths):
         raise ValueError(f"got {len(w)} weights for {len(paths)} models; give one weight per model.")
