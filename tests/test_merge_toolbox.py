@@ -47,9 +47,8 @@ def test_ties_edges():
     d = T([[3.0, -1.0, 2.0], [-2.0, -2.0, 1.0]])
     assert torch.equal(ties(d, [1, 1], density=0.0), torch.zeros(3))  # nothing kept: the init
     # density * n = 0.3 < 1 element: one entry per task vector survives, not the whole vector dropped
-    assert torch.equal(
-        trim_top_density(d, 0.1), T([[3.0, 0.0, 0.0], [-2.0, -2.0, 0.0]])[:, :3] * T([1, 0, 0])
-    )
+    kept = trim_top_density(T([[3.0, -1.0, 2.0], [-2.0, -5.0, 1.0]]), 0.1)  # 0.3 of an element: keep 1
+    assert torch.equal(kept, T([[3.0, 0.0, 0.0], [0.0, -5.0, 0.0]]))
     assert torch.equal(ties(T([[1.0, 2.0], [-1.0, 5.0]]), [1, 1]), T([0.0, 3.5]))  # sign tie at entry 0: init
     assert torch.equal(ties(torch.zeros(2, 4), [1, 1]), torch.zeros(4))  # all-zero task vectors
     v = T([1.0, -2.0, 0.5])
