@@ -254,3 +254,22 @@ def test_cli_toolbox_negation_of_one_model(trio, tmp_path):
     got, base, sa = _state(tmp_path / "neg"), _state(init), _state(a)
     n = "model.layers.1.self_attn.o_proj.weight"
     torch.testing.assert_close(got[n], base[n] - 0.5 * (sa[n] - base[n]))
+
+
+def test_ties_blocks_match_a_naive_topk_reference():
+    gen = torch.Generator().manual_seed(1)
+    d = torch.randn(3, 1000, generator=gen, dtype=torch.float64)
+    w = [1.0, 2.0, 0.5]
+    k = 300
+    trimmed = torch.zeros_like(d)
+    for m in range(3):  # naive: topk indices per task vector, then entry by entry
+        idx = d[m].abs().topk(k).indices
+        trimmed[m, idx] = d[m, idx]
+    expected = torch.zeros(1000, dtype=torch.float64)
+    for j in range(1000):
+        sign = torch.sign(sum(w[m] * trimmed[m, j] for m in range(3)))
+        agree = [m for m in range(3) if trimmed[m, j] != 0 and torch.sign(trimmed[m, j]) == sign]
+        if agree:
+            expected[j] = sum(w[m] * trimmed[m, j] for m in agree) / sum(w[m] for m in agree)
+    torch.testing.assert_close(ties(d, w, 0.3, block=7), expected)
+    torch.testing.assert_close(ties(d, w, 0.3), expected)
