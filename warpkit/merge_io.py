@@ -6,6 +6,10 @@ and accumulates the Gram matrix of the task vectors; `slerp_coefficients` turns 
 per model; pass 2 streams the same rows again (now in the page cache) and writes
 (1 - η sum c) * init + η sum c_m theta_m straight into the output shard. The working set is one chunk
 per input, so memory does not grow with the size or number of models.
+
+The toolbox's coefficient methods (linear, task arithmetic, Model Stock, Karcher) run on the same two
+passes. Its element-wise methods (TIES, DARE, NegMerge) need whole tensors (TIES's magnitude threshold is
+per tensor), so they hold one tensor per input: memory is bounded by the largest tensor, not the model.
 """
 
 from __future__ import annotations
