@@ -20,6 +20,8 @@ _LAZY: dict[str, str] = {
     "liti": "warpkit.merge",
     "merge_folders": "warpkit.merge_io",
     "MergeReport": "warpkit.merge_io",
+    "greedy_soup": "warpkit.soups",
+    "uniform_soup": "warpkit.soups",
 }
 
 __all__ = ["__version__", *_LAZY]

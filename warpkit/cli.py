@@ -136,13 +136,21 @@ _MERGE_KEYS = (
     "compute_dtype",
     "max_shard_size",
     "overwrite",
+    "scale",
+    "density",
+    "seed",
+    "normalize",
 )
+_METHODS = (
+    "slerp", "lerp", "linear", "task_arithmetic", "model_stock", "karcher",
+    "ties", "dare_linear", "dare_ties", "negmerge",
+)  # fmt: skip
 
 
 def _merge_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "merge",
-        help="merge fine-tunes of one init: WARP's SLERP of task vectors (or LERP), optionally with LITI",
+        help="merge fine-tunes of one init: WARP's SLERP of task vectors, LITI, and the merge toolbox",
         description="Merge save_pretrained folders or peft LoRA adapters of one init, streaming tensor by "
         "tensor, into a new save_pretrained folder (config, tokenizer and a recipe with input hashes "
         "carried). Settings come from --config YAML (same keys, with underscores) and/or the flags; "
@@ -151,7 +159,7 @@ def _merge_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--config", default=None, help="YAML recipe with the keys below (e.g. configs/merge_slerp.yaml)"
     )
-    p.add_argument("--method", choices=["slerp", "lerp"], default=None, help="default slerp")
+    p.add_argument("--method", choices=_METHODS, default=None, help="default slerp (WARP)")
     p.add_argument("--init", default=None, help="the models' common init (save_pretrained folder)")
     p.add_argument(
         "--models", nargs="+", default=None, help="fine-tuned folders or LoRA adapter folders (>= 2)"
@@ -175,6 +183,21 @@ def _merge_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compute-dtype", default=None, help="float32 (default) or float64")
     p.add_argument("--max-shard-size", default=None, help="shard the output by bytes (default 5GB)")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --out")
+    p.add_argument(
+        "--scale", type=float, default=None, help="task_arithmetic, ties, dare_*, negmerge (default 1)"
+    )
+    p.add_argument(
+        "--density", type=float, default=None, help="ties: fraction kept; dare_*: keep probability"
+    )
+    p.add_argument("--seed", type=int, default=None, help="dare_* mask seed (per tensor name and model)")
+    p.add_argument(
+        "--no-normalize",
+        dest="normalize",
+        action="store_false",
+        default=None,
+        help="linear: sum w*theta as is",
+    )
+    p.add_argument("--no-hash", action="store_true", help="do not record the inputs' sha256 in the recipe")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_merge)
 
@@ -210,6 +233,7 @@ def _merge(args: argparse.Namespace) -> int:
             settings.pop("out"),
             settings.pop("weights", None),
             progress=not args.no_progress,
+            hash_inputs=not args.no_hash,
             **settings,
         )
     except ValueError as e:

@@ -32,6 +32,7 @@ __all__ = [
     "Granularity",
     "GroupStats",
     "combine",
+    "gram_matrix",
     "group_key",
     "lerp",
     "lerp_coefficients",
@@ -90,6 +91,8 @@ class GroupStats:
     modes: list[str] = field(default_factory=list)
     merged_norm: float = 0.0
     coefficients: list[float] = field(default_factory=list)
+    # merged = init_coefficient * init + sum_m c_m theta_m; None means 1 - sum c (a merge of task vectors)
+    init_coefficient: float | None = None
 
 
 def merge_lambdas(weights: Sequence[float], *, allow_extrapolation: bool = False) -> list[float]:
@@ -185,18 +188,37 @@ def lerp_coefficients(gram: torch.Tensor, weights: Sequence[float], numel: int =
 
 
 def combine(
-    init: torch.Tensor, models: Sequence[torch.Tensor], coefficients: Sequence[float]
+    init: torch.Tensor,
+    models: Sequence[torch.Tensor],
+    coefficients: Sequence[float],
+    init_coefficient: float | None = None,
 ) -> torch.Tensor:
-    """(1 - sum c) * init + sum_m c_m * theta_m in the dtype of the inputs (call it with fp32/fp64 tensors).
+    """(1 - sum c) * init + sum_m c_m * theta_m in the dtype of the inputs (call it with fp32/fp64 tensors);
+    `init_coefficient` replaces 1 - sum c where a method weighs the init otherwise (unnormalized linear).
 
     Written over the weights, not the task vectors, so λ = 0 and λ = 1 reproduce the inputs bit for bit
     (0 * init + 1 * theta_m), which init + (theta_m - init) does not in floating point.
     """
-    out = init * (1.0 - math.fsum(coefficients))
+    out = init * (1.0 - math.fsum(coefficients) if init_coefficient is None else init_coefficient)
     for theta, coef in zip(models, coefficients, strict=True):
         if coef != 0.0:
             out.add_(theta, alpha=coef)
     return out
+
+
+def gram_matrix(d: torch.Tensor, block: int = 4096) -> torch.Tensor:
+    """G = d @ d^T in float64 for task vectors d of shape (M, n).
+
+    One float32 dot product over millions of elements loses ~1e-5 relative accuracy (about 1e-3 degrees
+    of angle); partial Gram matrices over blocks of 4096 elements, added in float64, stay within ~1e-7
+    at float32 speed.
+    """
+    m, n = d.shape
+    full = n - n % block
+    blocks = d[:, :full].reshape(m, full // block, block).transpose(0, 1)  # (n / block, M, block)
+    g = torch.bmm(blocks, blocks.transpose(1, 2)).to(torch.float64).sum(0)
+    tail = d[:, full:].to(torch.float64)
+    return (g + tail @ tail.T).cpu()
 
 
 def _check_states(init: State, models: Sequence[State]) -> None:
@@ -241,7 +263,7 @@ def _merge(
             d = torch.stack([s[name].to(compute_dtype).flatten() - base for s in models])
             if not torch.isfinite(d).all():
                 raise ValueError(f"{name}: NaN or Inf in the init or a model; refusing to merge it.")
-            gram += (d @ d.T).to(torch.float64)
+            gram += gram_matrix(d)
         numel = sum(init[n].numel() for n in names)
         stats[group] = coefficients_of(gram, numel)
         for name in names:
@@ -249,6 +271,7 @@ def _merge(
                 init[name].to(compute_dtype),
                 [s[name].to(compute_dtype) for s in models],
                 stats[group].coefficients,
+                stats[group].init_coefficient,
             )
             out[name] = merged.to(dtype or init[name].dtype)  # the one cast to the output dtype
     return {n: out[n] for n in init}, stats

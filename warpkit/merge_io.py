@@ -6,6 +6,10 @@ and accumulates the Gram matrix of the task vectors; `slerp_coefficients` turns 
 per model; pass 2 streams the same rows again (now in the page cache) and writes
 (1 - η sum c) * init + η sum c_m theta_m straight into the output shard. The working set is one chunk
 per input, so memory does not grow with the size or number of models.
+
+The toolbox's coefficient methods (linear, task arithmetic, Model Stock, Karcher) run on the same two
+passes. Its element-wise methods (TIES, DARE, NegMerge) need whole tensors (TIES's magnitude threshold is
+per tensor), so they hold one tensor per input: memory is bounded by the largest tensor, not the model.
 """
 
 from __future__ import annotations
@@ -40,17 +44,33 @@ from warpkit.merge import (
     Granularity,
     GroupStats,
     _check_eta,
+    gram_matrix,
     group_key,
     lerp_coefficients,
     merge_lambdas,
     slerp_coefficients,
     stats_to_log,
 )
+from warpkit.toolbox import (
+    ELEMENTWISE,
+    elementwise_task_vector,
+    karcher_coefficients,
+    linear_coefficients,
+    model_stock_coefficients,
+    task_arithmetic_coefficients,
+)
 
 __all__ = ["MergeReport", "merge_folders"]
 
-Method = Literal["slerp", "lerp"]
-METHODS: tuple[str, ...] = ("slerp", "lerp")
+Method = Literal[
+    "slerp", "lerp", "linear", "task_arithmetic", "model_stock", "karcher",
+    "ties", "dare_linear", "dare_ties", "negmerge",
+]  # fmt: skip
+METHODS: tuple[str, ...] = (
+    "slerp", "lerp", "linear", "task_arithmetic", "model_stock", "karcher", *ELEMENTWISE
+)  # fmt: skip
+# Methods whose coefficients depend on the group's geometry: pass 1 (Gram) before pass 2 (write).
+_TWO_PASS = ("slerp", "model_stock", "karcher")
 # Config fields two models must agree on to be merged (shapes and names are checked tensor by tensor).
 _ARCH_KEYS = ("model_type", "architectures", "tie_word_embeddings")
 
@@ -116,29 +136,97 @@ def _chunks(rows: int, row_numel: int, chunk_numel: int):
         yield start, min(rows, start + step)
 
 
-def _thetas(models, name, a, b, cd, device):
-    """Each model's rows as a tensor on `device`; dense reads stay in their stored dtype (promoted on use)."""
-    out = []
-    for model in models:
-        if isinstance(model, LoraCheckpoint):
-            out.append(model.rows(name, a, b, cd).to(device))
-        else:
-            out.append(model.raw_rows(name, a, b).to(device))
-    return out
+class _Stream:
+    """Chunks of every input read into reusable buffers, and the arithmetic of both passes on them.
 
+    Buffers are allocated once and reused: fresh multi-megabyte allocations (and mapped files) cost a
+    page fault per 4 KiB on first touch, which dominated the run time. Up to `cache_bytes` of a group's
+    raw reads from pass 1 stay in an arena, so pass 2 reads only what did not fit.
+    """
 
-def _gram_chunk(init, models, name, a, b, cd, device) -> tuple[torch.Tensor, torch.Tensor, list]:
-    base = init.raw_rows(name, a, b).to(device=device, dtype=cd, copy=True)  # never write into the map
-    thetas = _thetas(models, name, a, b, cd, device)
-    d = torch.empty(len(models), base.numel(), dtype=cd, device=device)
-    for m, theta in enumerate(thetas):
-        torch.sub(theta, base, out=d[m])
-    gram = (d @ d.T).to("cpu", torch.float64)
-    if not torch.isfinite(gram.diagonal()).all():
-        bad = [str(init.path)] if not torch.isfinite(base).all() else []
-        bad += [str(mdl.path) for mdl, t in zip(models, thetas, strict=True) if not torch.isfinite(t).all()]
-        raise ValueError(f"{name} has NaN or Inf weights in {bad or 'the task vectors'}; refusing to merge.")
-    return gram, base, thetas
+    def __init__(self, init: Checkpoint, models, cd: torch.dtype, device: torch.device, cache_bytes: int):
+        self.inputs = [init, *models]
+        self.cd, self.device = cd, device
+        self.arena = torch.empty(cache_bytes, dtype=torch.uint8)
+        self.used = 0
+        self.cache: dict[tuple[str, int], list[torch.Tensor | None]] = {}
+        self.scratch = [torch.empty(0, dtype=torch.uint8) for _ in self.inputs]
+        self.work: dict[str, torch.Tensor] = {}
+
+    def _buffer(self, key: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        t = self.work.get(key)
+        if t is None or t.numel() < numel or t.dtype != dtype:
+            t = self.work[key] = torch.empty(numel, dtype=dtype, device=self.device)
+        return t[:numel]
+
+    def new_group(self) -> None:
+        self.used = 0
+        self.cache.clear()
+
+    def read(self, name: str, a: int, b: int, keep: bool) -> list[torch.Tensor]:
+        """Rows [a, b) of `name` from the init and every model (dense ones in their stored dtype)."""
+        cached = self.cache.get((name, a)) or [None] * len(self.inputs)
+        views: list[torch.Tensor] = []
+        kept: list[torch.Tensor | None] = []
+        for k, ckpt in enumerate(self.inputs):
+            if cached[k] is not None:
+                views.append(cached[k])
+                kept.append(None)
+                continue
+            if isinstance(ckpt, LoraCheckpoint):  # densified on the fly, never cached
+                views.append(ckpt.rows(name, a, b, self.cd))
+                kept.append(None)
+                continue
+            info = ckpt.tensors[name]
+            nbytes = (b - a) * info.row_numel * info.dtype.itemsize
+            in_arena = keep and self.used + nbytes <= self.arena.numel()
+            if in_arena:
+                buffer = self.arena[self.used : self.used + nbytes]
+                self.used += -(-nbytes // 64) * 64  # keep every slice aligned for any dtype
+            else:
+                if self.scratch[k].numel() < nbytes:
+                    self.scratch[k] = torch.empty(nbytes, dtype=torch.uint8)
+                buffer = self.scratch[k]
+            view = ckpt.raw_rows(name, a, b, buffer)
+            views.append(view)
+            kept.append(view if in_arena else None)
+        if keep:
+            self.cache[(name, a)] = kept
+        return [v.to(self.device) for v in views]
+
+    def gram(self, name: str, views: list[torch.Tensor]) -> torch.Tensor:
+        """Gram matrix of the chunk's task vectors d_m = theta_m - init, float64, NaN/Inf refused."""
+        n = views[0].numel()
+        base = self._buffer("base", n, self.cd).copy_(views[0])
+        d = self._buffer("d", (len(views) - 1) * n, self.cd).view(len(views) - 1, n)
+        for m, theta in enumerate(views[1:]):
+            torch.sub(theta, base, out=d[m])  # promotes bf16 inputs to the compute dtype
+        gram = gram_matrix(d)
+        if not torch.isfinite(gram.diagonal()).all():
+            bad = [
+                str(c.path) for c, v in zip(self.inputs, views, strict=True) if not torch.isfinite(v).all()
+            ]
+            raise ValueError(
+                f"{name} has NaN or Inf weights in {bad or 'the task vectors'}; refusing to merge."
+            )
+        self.task_vectors = d  # valid until the next call
+        return gram
+
+    def add_to_init(self, views: list[torch.Tensor], delta: torch.Tensor, alpha: float, dtype: torch.dtype):
+        """init + alpha * delta in the compute dtype, then cast once (element-wise methods)."""
+        out = self._buffer("out", delta.numel(), self.cd).copy_(views[0]).add_(delta, alpha=alpha)
+        return out if dtype == self.cd else self._buffer("cast", delta.numel(), dtype).copy_(out)
+
+    def combine(
+        self, views: list[torch.Tensor], c0: float, coefs: list[float], dtype: torch.dtype
+    ) -> torch.Tensor:
+        """c0 * init + sum_m c_m theta_m in the compute dtype, then the one cast to the output dtype."""
+        n = views[0].numel()
+        out = self._buffer("out", n, self.cd).copy_(views[0]).mul_(c0)
+        for theta, c in zip(views[1:], coefs, strict=True):
+            if c != 0.0:
+                out.add_(theta, alpha=c)
+        return out if dtype == self.cd else self._buffer("cast", n, dtype).copy_(out)
 
 
 def merge_folders(
@@ -155,17 +243,32 @@ def merge_folders(
     device: str | torch.device | None = None,
     compute_dtype: torch.dtype | str = torch.float32,
     max_shard_size: int | str = "5GB",
-    chunk_numel: int = 1 << 22,
+    chunk_numel: int = 1 << 18,
+    cache_size: int | str = "256MB",
     overwrite: bool = False,
     hash_inputs: bool = True,
+    num_threads: int = 1,
     progress: bool = True,
+    scale: float | None = None,
+    density: float | None = None,
+    seed: int = 0,
+    normalize: bool = True,
 ) -> MergeReport:
     """Merge `models` (save_pretrained folders or LoRA adapters of `init`) relative to `init` into `out`.
 
-    method: "slerp" (WARP stage 2, the paper's recursion for M > 2) or "lerp" of task vectors.
+    method: "slerp" (WARP stage 2, the paper's recursion for M > 2) or "lerp" of task vectors, or a
+    toolbox method (see `warpkit.toolbox`): "linear" (`normalize`), "task_arithmetic" (`scale`, negative
+    weights negate), "model_stock", "karcher", "ties" (`density`), "dare_linear" / "dare_ties" (`density`
+    = keep probability, `seed`), "negmerge" (`scale`). Element-wise methods work tensor by tensor.
     weights: one per model, uniform by default. granularity: "block" (default), "tensor" or "model".
     liti_eta: if set, write LITI (1 - η) * init + η * merged (WARP stage 3) instead of the merge itself.
     dtype: output dtype (default: each tensor keeps the init's); arithmetic runs in `compute_dtype`.
+    hash_inputs: record each input file's sha256 in the recipe (hashed by a background thread).
+    num_threads: torch threads for the arithmetic (restored afterwards). One by default: streaming
+    element-wise work is memory-bound, chunks of 2^18 elements stay in cache, and on a shared machine
+    spinning OpenMP workers made two threads several times slower than one.
+    Memory: one chunk of `chunk_numel` elements per input plus `cache_size` bytes that spare pass 2 a
+    re-read of the group's tensors (a transformer layer of a 0.5B model in fp32 fits in 256MB).
     All inputs are checked before anything is written; the folder appears at `out` only when complete.
     Returns a `MergeReport` whose `stats` hold each group's angle, task-vector norms and cosines.
     """
@@ -183,12 +286,47 @@ def merge_folders(
         _check_eta(liti_eta, allow_extrapolation)
     init_path, out = Path(init), Path(out)
     paths = [Path(m) for m in models]
-    if not paths:
-        raise ValueError(f"{method} needs at least one model (one model with liti_eta is plain LITI).")
+    # One model is allowed for the task-vector methods: merging it alone returns it, so with liti_eta it is
+    # plain LITI (1 - eta) init + eta model, and M = 1 is WARP's no-merge ablation.
+    at_least = 2 if method == "model_stock" else 1
+    if len(paths) < at_least:
+        raise ValueError(f"{method} needs at least {at_least} models, got {len(paths)}.")
     w = [float(x) for x in weights] if weights is not None else [1.0] * len(paths)
     if len(w) != len(paths):
         raise ValueError(f"got {len(w)} weights for {len(paths)} models; give one weight per model.")
-    lambdas = merge_lambdas(w, allow_extrapolation=allow_extrapolation)
+    if any(not math.isfinite(x) for x in w):
+        raise ValueError(f"weights must be finite, got {w}.")
+    if method in ("model_stock", "negmerge") and weights is not None:
+        raise ValueError(f"{method} takes no weights (got {w}); drop --weights.")
+    if scale is not None and method not in ("task_arithmetic", *ELEMENTWISE):
+        raise ValueError(f"scale applies to task_arithmetic, ties, dare_* and negmerge, not {method}.")
+    if density is not None and method not in ("ties", "dare_linear", "dare_ties"):
+        raise ValueError(f"density applies to ties, dare_linear and dare_ties, not {method}.")
+    scale = 1.0 if scale is None else float(scale)
+    density = 1.0 if density is None else float(density)
+    if not (math.isfinite(scale) and 0.0 <= density <= 1.0):
+        raise ValueError(f"scale={scale} must be finite and density={density} in [0, 1].")
+    lambdas = (
+        merge_lambdas(w, allow_extrapolation=allow_extrapolation) if method in ("slerp", "lerp") else None
+    )
+    if method == "karcher" and (any(x < 0 for x in w) or sum(w) <= 0):
+        raise ValueError(f"karcher weights must be >= 0 with a positive sum, got {w}.")
+    if method == "linear":
+        linear_coefficients(torch.eye(len(w)), w, normalize=normalize)  # refuses a zero weight sum now
+
+    def coefficients_of(gram: torch.Tensor, numel: int) -> GroupStats:
+        if method == "slerp":
+            return slerp_coefficients(gram, lambdas, numel)
+        if method == "lerp":
+            return lerp_coefficients(gram, w, numel)
+        if method == "linear":
+            return linear_coefficients(gram, w, numel, normalize=normalize)
+        if method == "task_arithmetic":
+            return task_arithmetic_coefficients(gram, w, numel, scale=scale)
+        if method == "model_stock":
+            return model_stock_coefficients(gram, numel)
+        return karcher_coefficients(gram, w, numel)
+
     for p in [init_path, *paths]:
         if p.exists() and out.exists() and p.resolve() == out.resolve():
             raise ValueError(f"out={out} is one of the inputs; write the merge to a new folder.")
@@ -217,6 +355,8 @@ def merge_folders(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     pool = ThreadPoolExecutor(1)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
     try:
         files = [f for c in [init_ckpt, *ckpts] for f in c.files]
         hashes = pool.submit(input_hashes, files) if hash_inputs else None
@@ -227,44 +367,51 @@ def merge_folders(
                 writer.write(n, 0, init_ckpt.raw_rows(n, 0, info.rows))
         eta = 1.0 if liti_eta is None else liti_eta
         stats: dict[str, GroupStats] = {}
-        passes = 2 if method == "slerp" else 1
+        passes = 2 if method in _TWO_PASS else 1
         bar = tqdm(
             total=passes * sum(len(v) for v in groups.values()),
             unit="tensor",
             disable=not progress,
             desc=f"warpkit merge ({method})",
         )
+        stream = _Stream(init_ckpt, ckpts, cd, device, parse_size(cache_size))
+        if method in ELEMENTWISE:  # tensor by tensor: init + η * scale * merged task vector
+            for n in (n for group_names in groups.values() for n in group_names):
+                info = init_ckpt.tensors[n]
+                views = stream.read(n, 0, info.rows, keep=False)
+                gram = stream.gram(n, views)
+                delta = elementwise_task_vector(
+                    method, stream.task_vectors, w, density=density, seed=seed, name=n
+                )
+                writer.write(n, 0, stream.add_to_init(views, delta, eta * scale, out_dtype or info.dtype))
+                stats[n] = lerp_coefficients(gram, [1.0] * len(ckpts), info.numel)
+                stats[n].coefficients, stats[n].merged_norm = [], float(delta.double().norm())
+                bar.update()
+            groups = {}
         for group, group_names in groups.items():
             numel = sum(init_ckpt.tensors[n].numel for n in group_names)
             gram = torch.zeros(len(ckpts), len(ckpts), dtype=torch.float64)
-            if method == "slerp":  # pass 1: the group's Gram matrix, then its coefficients
+            stream.new_group()
+            if method in _TWO_PASS:  # pass 1: the group's Gram matrix, then its coefficients
                 for n in group_names:
                     info = init_ckpt.tensors[n]
                     for a, b in _chunks(info.rows, info.row_numel, chunk_numel):
-                        gram += _gram_chunk(init_ckpt, ckpts, n, a, b, cd, device)[0]
+                        gram += stream.gram(n, stream.read(n, a, b, keep=True))
                     bar.update()
-                stats[group] = slerp_coefficients(gram, lambdas, numel)
-            else:
-                stats[group] = lerp_coefficients(gram, w, numel)
+            stats[group] = coefficients_of(gram, numel)  # single-pass methods need no geometry
             coefs = [eta * c for c in stats[group].coefficients]
-            c0 = 1.0 - math.fsum(coefs)
-            for n in group_names:  # pass 2: (1 - η sum c) init + η sum c_m theta_m, cast once, written
+            ic = stats[group].init_coefficient
+            c0 = 1.0 - math.fsum(coefs) if ic is None else 1.0 - eta + eta * ic
+            for n in group_names:  # pass 2: c0 * init + η sum c_m theta_m, cast once, written
                 info = init_ckpt.tensors[n]
                 for a, b in _chunks(info.rows, info.row_numel, chunk_numel):
-                    if method == "lerp":  # one pass: the Gram only feeds the stats (and the NaN check)
-                        g, base, thetas = _gram_chunk(init_ckpt, ckpts, n, a, b, cd, device)
-                        gram += g
-                    else:
-                        base = init_ckpt.raw_rows(n, a, b).to(device=device, dtype=cd, copy=True)
-                        thetas = _thetas(ckpts, n, a, b, cd, device)
-                    merged = base.mul_(c0)
-                    for theta, c in zip(thetas, coefs, strict=True):
-                        if c != 0.0:
-                            merged.add_(theta, alpha=c)
-                    writer.write(n, a, merged.to(out_dtype or info.dtype))
+                    views = stream.read(n, a, b, keep=False)
+                    if method not in _TWO_PASS:  # one pass: the Gram feeds the stats and the NaN check
+                        gram += stream.gram(n, views)
+                    writer.write(n, a, stream.combine(views, c0, coefs, out_dtype or info.dtype))
                 bar.update()
-            if method == "lerp":
-                stats[group] = lerp_coefficients(gram, w, numel)
+            if method not in _TWO_PASS:
+                stats[group] = coefficients_of(gram, numel)
         bar.close()
         writer.close()
         write_config(init_ckpt, tmp, out_dtype)
@@ -276,6 +423,10 @@ def merge_folders(
             "granularity": granularity,
             "weights": w,
             "lambdas": lambdas if method == "slerp" else None,
+            "scale": scale if method in ("task_arithmetic", *ELEMENTWISE) else None,
+            "density": density if method in ("ties", "dare_linear", "dare_ties") else None,
+            "seed": seed if method.startswith("dare") else None,
+            "normalize": normalize if method == "linear" else None,
             "liti_eta": liti_eta,
             "allow_extrapolation": allow_extrapolation,
             "dtype": str(out_dtype).removeprefix("torch.") if out_dtype else None,
@@ -304,6 +455,7 @@ def merge_folders(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
+        torch.set_num_threads(threads_before)
         pool.shutdown(wait=True, cancel_futures=True)
         for c in [init_ckpt, *ckpts]:
             c.close()

@@ -1,0 +1,275 @@
+"""The merge toolbox: each method against its hand-derived example and its edge cases, then end to end
+through `merge_folders` / `warpkit merge` against the same functions applied to whole state dicts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from warpkit.cli import main
+from warpkit.merge import slerp_coefficients
+from warpkit.merge_io import merge_folders
+from warpkit.toolbox import (
+    dare,
+    dare_generator,
+    elementwise_task_vector,
+    karcher_coefficients,
+    linear_coefficients,
+    model_stock_coefficients,
+    negmerge,
+    task_arithmetic_coefficients,
+    ties,
+    trim_top_density,
+)
+
+T = torch.tensor
+
+
+def _gram(*vectors):
+    d = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in vectors])
+    return d @ d.T
+
+
+# ----------------------------------------------------------------------------- TIES
+
+
+def test_ties_hand_example():
+    d = T([[3.0, -1.0, 2.0], [-2.0, -2.0, 1.0]])
+    assert torch.equal(ties(d, [1, 1], density=2 / 3), T([3.0, -2.0, 2.0]))
+    # density 1: no trim; mass [1, -3, 3] -> [+, -, +]; agreeing means [3, (-1-2)/2, (2+1)/2]
+    assert torch.equal(ties(d, [1, 1], density=1.0), T([3.0, -1.5, 1.5]))
+
+
+def test_ties_edges():
+    d = T([[3.0, -1.0, 2.0], [-2.0, -2.0, 1.0]])
+    assert torch.equal(ties(d, [1, 1], density=0.0), torch.zeros(3))  # nothing kept: the init
+    # density * n = 0.3 < 1 element: one entry per task vector survives, not the whole vector dropped
+    kept = trim_top_density(T([[3.0, -1.0, 2.0], [-2.0, -5.0, 1.0]]), 0.1)  # 0.3 of an element: keep 1
+    assert torch.equal(kept, T([[3.0, 0.0, 0.0], [0.0, -5.0, 0.0]]))
+    assert torch.equal(ties(T([[1.0, 2.0], [-1.0, 5.0]]), [1, 1]), T([0.0, 3.5]))  # sign tie at entry 0: init
+    assert torch.equal(ties(torch.zeros(2, 4), [1, 1]), torch.zeros(4))  # all-zero task vectors
+    v = T([1.0, -2.0, 0.5])
+    assert torch.equal(ties(torch.stack([v, -v]), [1, 1]), torch.zeros(3))  # anti-parallel: every entry ties
+    assert torch.equal(ties(torch.stack([v, -v]), [2, 1]), v)  # weights break the tie: v's mass wins
+    with pytest.raises(ValueError, match="density"):
+        ties(v[None], [1], density=1.5)
+
+
+# ----------------------------------------------------------------------------- DARE
+
+
+def test_dare_hand_example_and_edges():
+    d = T([2.0, 4.0, -6.0, 8.0])
+    g = dare_generator(0, "w", 0)
+    keep = torch.rand(4, generator=dare_generator(0, "w", 0)) < 0.5
+    assert torch.equal(dare(d, 0.5, g), torch.where(keep, 2 * d, 0.0))  # kept entries rescaled by 1/p = 2
+    assert torch.equal(dare(d, 1.0, g), d) and torch.equal(dare(d, 0.0, g), torch.zeros(4))
+    with pytest.raises(ValueError, match="keep probability"):
+        dare(d, -0.1, g)
+
+
+def test_dare_is_unbiased():
+    """E[dare(d)] = d: the mean of 400 independent masks at p = 0.3 is within 5 standard errors of d."""
+    d = torch.linspace(-1, 1, 1000, dtype=torch.float64)
+    p, draws = 0.3, 400
+    mean = torch.stack([dare(d, p, dare_generator(s, "w", 0)) for s in range(draws)]).mean(0)
+    stderr = d.abs() * math.sqrt((1 - p) / p / draws)  # std of one draw: |d| sqrt((1-p)/p)
+    assert ((mean - d).abs() <= 5 * stderr + 1e-12).all()
+    assert (mean - d).abs().max() > 0  # it is random: not the identity
+
+
+def test_dare_randomness_is_per_seed_name_and_model():
+    a = torch.rand(100, generator=dare_generator(7, "model.layers.0.w", 1))
+    assert torch.equal(a, torch.rand(100, generator=dare_generator(7, "model.layers.0.w", 1)))
+    for other in [(8, "model.layers.0.w", 1), (7, "model.layers.1.w", 1), (7, "model.layers.0.w", 0)]:
+        assert not torch.equal(a, torch.rand(100, generator=dare_generator(*other)))
+
+
+# ----------------------------------------------------------------------------- NegMerge
+
+
+def test_negmerge_hand_example_and_edges():
+    d = T([[1.0, -2.0, 3.0], [3.0, -4.0, -1.0]])
+    assert torch.equal(negmerge(d), T([2.0, -3.0, 0.0]))
+    assert torch.equal(
+        elementwise_task_vector("negmerge", d, [1, 1], density=1, seed=0, name="x"), T([-2.0, 3.0, 0.0])
+    )
+    assert torch.equal(negmerge(T([[0.0, 1.0], [0.0, 1.0]])), T([0.0, 1.0]))  # zero entries: no consensus
+    v = T([1.0, -2.0])
+    assert torch.equal(negmerge(torch.stack([v, -v])), torch.zeros(2))
+
+
+# ----------------------------------------------------------------------------- coefficient methods
+
+
+def test_linear_and_task_arithmetic_coefficients():
+    g = _gram([1.0, 0.0], [0.0, 1.0])
+    assert linear_coefficients(g, [1, 3]).coefficients == pytest.approx([0.25, 0.75])
+    raw = linear_coefficients(g, [1, 1], normalize=False)
+    assert raw.coefficients == [1, 1] and raw.init_coefficient == 0.0
+    with pytest.raises(ValueError, match="sum to zero"):
+        linear_coefficients(g, [1, -1])
+    ta = task_arithmetic_coefficients(g, [1, -0.5], scale=2.0)
+    assert ta.coefficients == pytest.approx([2.0, -1.0]) and ta.init_coefficient is None
+
+
+def test_model_stock_hand_example_and_clamp():
+    # two unit vectors at 60 degrees: cos 0.5, t = 2 * 0.5 / (1 + 0.5) = 2/3, c = t / 2 each
+    s = model_stock_coefficients(_gram([1.0, 0.0], [0.5, math.sqrt(3) / 2]))
+    assert s.coefficients == pytest.approx([1 / 3, 1 / 3])
+    assert model_stock_coefficients(_gram([1.0, 0.0], [-1.0, 0.1])).coefficients == [0.0, 0.0]  # cos < 0
+    assert model_stock_coefficients(_gram([1.0, 0.0], [2.0, 0.0])).coefficients == pytest.approx([0.5, 0.5])
+    with pytest.raises(ValueError, match="at least 2"):
+        model_stock_coefficients(_gram([1.0, 0.0]))
+
+
+def test_karcher_two_vectors_is_slerp_midpoint():
+    g = _gram([2.0, 0.0, 0.0], [2 * math.cos(1.0), 2 * math.sin(1.0), 0.0])
+    assert karcher_coefficients(g).coefficients == pytest.approx(slerp_coefficients(g, [0.5]).coefficients)
+
+
+def test_karcher_mean_satisfies_its_optimality_condition():
+    """At the weighted Karcher mean x, sum_m w_m log_x(u_m) = 0 (float64, vectors in R^5)."""
+    gen = torch.Generator().manual_seed(0)
+    d = torch.randn(3, 5, generator=gen, dtype=torch.float64)
+    w = [0.5, 0.3, 0.2]
+    s = karcher_coefficients(d @ d.T, w)
+    merged = torch.tensor(s.coefficients, dtype=torch.float64) @ d
+    x = merged / merged.norm()
+    tangent = torch.zeros(5, dtype=torch.float64)
+    for wm, dm in zip(w, d, strict=True):
+        u = dm / dm.norm()
+        theta = torch.arccos((u @ x).clamp(-1, 1))
+        tangent += wm * theta / torch.sin(theta) * (u - torch.cos(theta) * x)
+    assert tangent.norm() < 1e-9
+    assert merged.norm().item() == pytest.approx(
+        sum(wm * dm.norm().item() for wm, dm in zip(w, d, strict=True))
+    )
+
+
+def test_karcher_edges():
+    z = karcher_coefficients(_gram([0.0, 0.0], [1.0, 0.0]))  # a zero vector carries no direction
+    assert z.coefficients == pytest.approx([0.0, 1.0])
+    assert karcher_coefficients(_gram([0.0], [0.0])).coefficients == [0.0, 0.0]
+    anti = karcher_coefficients(_gram([1.0, 0.0], [-1.0, 0.0]))  # no unique mean: finite, no NaN
+    assert all(math.isfinite(c) for c in anti.coefficients)
+
+
+# ----------------------------------------------------------------------------- through the folders
+
+
+def _state(folder):
+    return load_file(folder / "model.safetensors")
+
+
+@pytest.fixture
+def trio(tiny_model_factory):
+    return [tiny_model_factory("llama", False, seed) for seed in (0, 1, 2)]
+
+
+@pytest.mark.parametrize(
+    ("method", "kwargs", "reference"),
+    [
+        (
+            "task_arithmetic",
+            {"weights": [1.0, -0.5], "scale": 0.8},
+            lambda i, d, n: i + 0.8 * (d[0] - 0.5 * d[1]),
+        ),
+        ("linear", {"weights": [1.0, 3.0]}, lambda i, d, n: i + 0.25 * d[0] + 0.75 * d[1]),
+        ("linear", {"weights": [1.0, 1.0], "normalize": False}, lambda i, d, n: 2 * i + d[0] + d[1]),
+        ("ties", {"density": 0.3}, lambda i, d, n: i + ties(torch.stack(d), [1, 1], 0.3)),
+        ("negmerge", {"scale": 2.0}, lambda i, d, n: i - 2.0 * negmerge(torch.stack(d))),
+        (
+            "dare_ties",
+            {"density": 0.5, "seed": 3},
+            lambda i, d, n: (
+                i + elementwise_task_vector("dare_ties", torch.stack(d), [1, 1], density=0.5, seed=3, name=n)
+            ),
+        ),
+    ],
+)
+def test_folder_methods_match_state_dict_reference(trio, tmp_path, method, kwargs, reference):
+    init, a, b = trio
+    report = merge_folders(method, init, [a, b], tmp_path / "out", progress=False, **kwargs)
+    got, base, sa, sb = _state(report.out), _state(init), _state(a), _state(b)
+    for n, t in got.items():
+        d = [(sa[n] - base[n]).flatten(), (sb[n] - base[n]).flatten()]
+        expected = reference(base[n].flatten(), d, n).view(t.shape)
+        torch.testing.assert_close(t, expected, rtol=1e-5, atol=1e-6, msg=f"{method} {n}")
+    assert report.recipe["method"] == method
+
+
+def test_model_stock_and_karcher_folders(trio, tmp_path):
+    init, a, b = trio
+    base, sa, sb = _state(init), _state(a), _state(b)
+    for method, coefficients_of in (
+        ("model_stock", model_stock_coefficients),
+        ("karcher", karcher_coefficients),
+    ):
+        report = merge_folders(method, init, [a, b], tmp_path / method, granularity="tensor", progress=False)
+        got = _state(report.out)
+        for n, t in got.items():
+            d = torch.stack([(sa[n] - base[n]).double().flatten(), (sb[n] - base[n]).double().flatten()])
+            c = torch.tensor(coefficients_of(d @ d.T).coefficients, dtype=torch.float64)
+            torch.testing.assert_close(
+                t.double(), base[n].double() + (c @ d).view(t.shape), rtol=1e-5, atol=1e-6
+            )
+
+
+def test_dare_is_reproducible_and_refusals(trio, tmp_path):
+    init, a, b = trio
+    one = merge_folders("dare_linear", init, [a, b], tmp_path / "1", density=0.4, seed=5, progress=False)
+    two = merge_folders(
+        "dare_linear", init, [a, b], tmp_path / "2", density=0.4, seed=5, chunk_numel=999, progress=False
+    )
+    three = merge_folders("dare_linear", init, [a, b], tmp_path / "3", density=0.4, seed=6, progress=False)
+    s1, s2, s3 = _state(one.out), _state(two.out), _state(three.out)
+    assert all(torch.equal(s1[n], s2[n]) for n in s1)
+    assert not torch.equal(s1["model.layers.0.mlp.up_proj.weight"], s3["model.layers.0.mlp.up_proj.weight"])
+    for method, kwargs, message in [
+        ("linear", {"weights": [1.0, -1.0]}, "sum to zero"),
+        ("ties", {"density": 1.2}, "density"),
+        ("slerp", {"scale": 2.0}, "scale applies"),
+        ("negmerge", {"weights": [1.0, 1.0]}, "takes no weights"),
+        ("karcher", {"weights": [1.0, -1.0]}, ">= 0"),
+        ("model_stock", {"density": 0.5}, "density applies"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            merge_folders(method, init, [a, b], tmp_path / "bad", progress=False, **kwargs)
+        assert not (tmp_path / "bad").exists()
+    with pytest.raises(ValueError, match="at least 2"):
+        merge_folders("model_stock", init, [a], tmp_path / "bad", progress=False)
+
+
+def test_cli_toolbox_negation_of_one_model(trio, tmp_path):
+    init, a, _ = trio
+    args = ["merge", "--method", "task_arithmetic", "--init", str(init), "--models", str(a)]
+    assert (
+        main([*args, "--weights", "-1", "--scale", "0.5", "--out", str(tmp_path / "neg"), "--no-progress"])
+        == 0
+    )
+    got, base, sa = _state(tmp_path / "neg"), _state(init), _state(a)
+    n = "model.layers.1.self_attn.o_proj.weight"
+    torch.testing.assert_close(got[n], base[n] - 0.5 * (sa[n] - base[n]))
+
+
+def test_ties_blocks_match_a_naive_topk_reference():
+    gen = torch.Generator().manual_seed(1)
+    d = torch.randn(3, 1000, generator=gen, dtype=torch.float64)
+    w = [1.0, 2.0, 0.5]
+    k = 300
+    trimmed = torch.zeros_like(d)
+    for m in range(3):  # naive: topk indices per task vector, then entry by entry
+        idx = d[m].abs().topk(k).indices
+        trimmed[m, idx] = d[m, idx]
+    expected = torch.zeros(1000, dtype=torch.float64)
+    for j in range(1000):
+        sign = torch.sign(sum(w[m] * trimmed[m, j] for m in range(3)))
+        agree = [m for m in range(3) if trimmed[m, j] != 0 and torch.sign(trimmed[m, j]) == sign]
+        if agree:
+            expected[j] = sum(w[m] * trimmed[m, j] for m in agree) / sum(w[m] for m in agree)
+    torch.testing.assert_close(ties(d, w, 0.3, block=7), expected)
+    torch.testing.assert_close(ties(d, w, 0.3), expected)
