@@ -12,7 +12,15 @@ from typing import Any
 __version__ = "0.1.0"
 
 # public name -> module that defines it
-_LAZY: dict[str, str] = {}
+_LAZY: dict[str, str] = {
+    "EMAAnchorCallback": "warpkit.anchor",
+    "task_vector": "warpkit.merge",
+    "lerp": "warpkit.merge",
+    "slerp": "warpkit.merge",
+    "liti": "warpkit.merge",
+    "merge_folders": "warpkit.merge_io",
+    "MergeReport": "warpkit.merge_io",
+}
 
 __all__ = ["__version__", *_LAZY]
 

@@ -99,9 +99,134 @@ def _tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- train
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="run the iterated WARP loop (M RL runs, SLERP, LITI, I iterations); resumable",
+        description="Run Algorithm 1 of WARP from a YAML config. Each RL run is an `accelerate launch` "
+        "subprocess; re-running the same command resumes after a crash and skips finished work. "
+        "Any config field can be overridden: --iterations 3, --rl.beta 0.05, --output_dir DIR.",
+    )
+    p.add_argument("config", help="YAML config, e.g. configs/warp_tiny.yaml")
+    p.set_defaults(run=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from warpkit import driver
+
+    driver.main([args.config, *args.overrides])
+
+
+# ----------------------------------------------------------------------------- merge
+
+_MERGE_KEYS = (
+    "method",
+    "init",
+    "models",
+    "out",
+    "weights",
+    "granularity",
+    "liti_eta",
+    "allow_extrapolation",
+    "dtype",
+    "device",
+    "compute_dtype",
+    "max_shard_size",
+    "overwrite",
+)
+
+
+def _merge_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "merge",
+        help="merge fine-tunes of one init: WARP's SLERP of task vectors (or LERP), optionally with LITI",
+        description="Merge save_pretrained folders or peft LoRA adapters of one init, streaming tensor by "
+        "tensor, into a new save_pretrained folder (config, tokenizer and a recipe with input hashes "
+        "carried). Settings come from --config YAML (same keys, with underscores) and/or the flags; "
+        "flags win.",
+    )
+    p.add_argument(
+        "--config", default=None, help="YAML recipe with the keys below (e.g. configs/merge_slerp.yaml)"
+    )
+    p.add_argument("--method", choices=["slerp", "lerp"], default=None, help="default slerp")
+    p.add_argument("--init", default=None, help="the models' common init (save_pretrained folder)")
+    p.add_argument(
+        "--models", nargs="+", default=None, help="fine-tuned folders or LoRA adapter folders (>= 2)"
+    )
+    p.add_argument("--out", default=None, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--weights", type=float, nargs="+", default=None, help="one per model; default uniform")
+    p.add_argument(
+        "--granularity",
+        choices=["block", "tensor", "model"],
+        default=None,
+        help="one angle per ...; default block",
+    )
+    p.add_argument(
+        "--liti-eta", type=float, default=None, help="write (1-eta)*init + eta*merge (WARP stage 3)"
+    )
+    p.add_argument(
+        "--allow-extrapolation", action="store_true", default=None, help="allow eta > 1 and negative weights"
+    )
+    p.add_argument("--dtype", default=None, help="output dtype (default: the init's)")
+    p.add_argument("--device", default=None, help="where the arithmetic runs (cpu, cuda); default cpu")
+    p.add_argument("--compute-dtype", default=None, help="float32 (default) or float64")
+    p.add_argument("--max-shard-size", default=None, help="shard the output by bytes (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_merge)
+
+
+def _merge(args: argparse.Namespace) -> int:
+    import yaml
+
+    from warpkit.merge_io import merge_folders
+
+    settings: dict = {}
+    if args.config:
+        with open(args.config) as f:
+            settings = yaml.safe_load(f) or {}
+        unknown = sorted(set(settings) - set(_MERGE_KEYS))
+        if unknown:
+            raise SystemExit(
+                f"warpkit merge: unknown keys {unknown} in {args.config}; known: {list(_MERGE_KEYS)}"
+            )
+    for key in _MERGE_KEYS:
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    missing = [k for k in ("init", "models", "out") if not settings.get(k)]
+    if missing:
+        raise SystemExit(
+            f"warpkit merge: missing {', '.join('--' + k for k in missing)} (flags or --config)."
+        )
+    method = settings.pop("method", "slerp")
+    try:
+        report = merge_folders(
+            method,
+            settings.pop("init"),
+            settings.pop("models"),
+            settings.pop("out"),
+            settings.pop("weights", None),
+            progress=not args.no_progress,
+            **settings,
+        )
+    except ValueError as e:
+        raise SystemExit(f"warpkit merge: {e}") from e
+    import math
+
+    angles = [
+        s.angles_deg[-1] for s in report.stats.values() if s.angles_deg and math.isfinite(s.angles_deg[-1])
+    ]
+    summary = f", mean angle {sum(angles) / len(angles):.1f} deg over {len(angles)} groups" if angles else ""
+    print(f"{report.out} ({method}, {report.seconds:.1f} s{summary})")
+    return 0
+
+
 # ----------------------------------------------------------------------------- main
 
-_PARSERS = [_default_model_parser, _tiny_model_parser]
+_PARSERS = [_default_model_parser, _tiny_model_parser, _train_parser, _merge_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,8 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.run(args)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.run is not _train:  # only `train` takes free-form --field VALUE overrides
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.overrides = rest
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"warpkit: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

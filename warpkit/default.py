@@ -235,7 +235,8 @@ def _review_sentences() -> list[tuple[str, str]]:
     """(text, label) pairs: 200 labelled Pang & Lee sentences and the first sentence of 10 IMDB reviews."""
     data = _package_dir("gensim", "pip install --no-deps gensim==4.4.0") / "test" / "test_data"
     rows = []
-    for line in (data / "pang_lee_polarity.cor").read_text(encoding="utf-8").splitlines():
+    # The Pang & Lee file is Windows-1252 (em dashes as 0x97); the IMDB file is UTF-8.
+    for line in (data / "pang_lee_polarity.cor").read_text(encoding="cp1252").splitlines():
         label, _, text = line.partition(" ")
         if text.strip():
             rows.append((text.strip(), label.removeprefix("__label__")))

@@ -2,18 +2,316 @@
 
 A state is a `Mapping[str, torch.Tensor]`. Arithmetic runs in float32 or better and each result is
 cast once to the output dtype; integer and bool tensors are copied from the init, never interpolated.
+
+WARP's SLERP of task vectors (Ramé et al. 2024, eq. in section 3.2), with d_m = theta_m - init:
+
+    slerp(init, theta_1, theta_2, λ) = init + sin((1-λ)Ω)/sin(Ω) * d_1 + sin(λΩ)/sin(Ω) * d_2
+    cos(Ω) = <d_1, d_2> / (|d_1| |d_2|)
+
+and for M > 2 the paper's recursion, every call relative to the same init:
+    slerp_M = slerp(init, slerp_{M-1}, theta_M, λ_M),  λ_k = w_k / (w_1 + ... + w_k)   (1/k if uniform)
+
+Every merged task vector is a linear combination sum_m c_m d_m, so a merge is decided by the Gram
+matrix G[i, j] = <d_i, d_j> of each group of parameters: `slerp_coefficients` runs the recursion on G
+alone (in float64), and the tensors are combined once. This is what lets `warpkit.merge_io` stream
+checkpoints: one pass accumulates G per group, a second writes sum_m c_m theta_m + (1 - sum_m c_m) init.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
-__all__ = ["liti"]
+__all__ = [
+    "GRANULARITIES",
+    "Granularity",
+    "GroupStats",
+    "combine",
+    "group_key",
+    "lerp",
+    "lerp_coefficients",
+    "liti",
+    "merge_lambdas",
+    "slerp",
+    "slerp_coefficients",
+    "stats_to_log",
+    "task_vector",
+]
 
 State = Mapping[str, torch.Tensor]
+Granularity = Literal["block", "tensor", "model"]
+GRANULARITIES: tuple[str, ...] = ("block", "tensor", "model")
+
+# sin(Ω) below this means parallel or anti-parallel task vectors: SLERP is 0/0 there, LERP is its limit
+# at Ω -> 0 and the only bounded choice at Ω -> π.
+SIN_EPS = 1e-6
+
+_BLOCK = re.compile(r"^(.*?\.\d+)\.")  # "model.layers.3.mlp.up_proj.weight" -> "model.layers.3"
+
+
+def group_key(name: str, granularity: Granularity) -> str:
+    """The group whose task vectors share one angle Ω.
+
+    `block` (default everywhere): one group per transformer layer, i.e. the name up to its first
+    numeric component ("model.layers.3"); every other tensor is grouped by its module
+    ("model.embed_tokens", "model.norm", "lm_head"), so embeddings, final norm and head each get their own.
+    `tensor`: one group per tensor (mergekit's nuslerp). `model`: a single group "model".
+    """
+    if granularity == "tensor":
+        return name
+    if granularity == "model":
+        return "model"
+    if granularity != "block":
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
+    m = _BLOCK.match(name)
+    if m:
+        return m.group(1)
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+@dataclass
+class GroupStats:
+    """Geometry of one group's task vectors, for logging (keys `merge/<group>/...` via `stats_to_log`).
+
+    norms[m] = |d_m|; cosines[i][j] = cos(d_i, d_j); angles_deg[k-2] = Ω between slerp_{k-1} and d_k at
+    recursion step k (one entry for two models); modes[k-2] = "slerp", "lerp:parallel" or "lerp:zero";
+    merged_norm = |merged task vector|; coefficients c_m with merged = init + sum_m c_m d_m.
+    """
+
+    numel: int
+    norms: list[float]
+    cosines: list[list[float]]
+    angles_deg: list[float] = field(default_factory=list)
+    modes: list[str] = field(default_factory=list)
+    merged_norm: float = 0.0
+    coefficients: list[float] = field(default_factory=list)
+
+
+def merge_lambdas(weights: Sequence[float], *, allow_extrapolation: bool = False) -> list[float]:
+    """λ_k = w_k / (w_1 + ... + w_k) for k = 2..M: the recursion's interpolation weights.
+
+    Uniform weights give λ_k = 1/k (the paper's default, λ = 1/M for the last step); two models with
+    weights (1 - λ, λ) give λ. A zero partial sum with zero w_k gives λ_k = 0 (nothing to add yet).
+    """
+    if len(weights) < 1:
+        raise ValueError(
+            "a merge needs at least one model (one model alone is returned as is, e.g. for LITI)."
+        )
+    for w in weights:
+        if not math.isfinite(w):
+            raise ValueError(f"merge weights must be finite, got {list(weights)}.")
+    if not allow_extrapolation and any(w < 0 for w in weights):
+        raise ValueError(
+            f"negative merge weights {list(weights)} put λ outside [0, 1] (extrapolation); "
+            "pass allow_extrapolation=True (CLI: --allow-extrapolation) if that is intended."
+        )
+    lambdas, total = [], float(weights[0])
+    for w in weights[1:]:
+        total += w
+        if total == 0:
+            if w != 0:
+                raise ValueError(f"merge weights {list(weights)} have a zero partial sum: λ is undefined.")
+            lambdas.append(0.0)
+            continue
+        lam = w / total
+        if not allow_extrapolation and not 0.0 <= lam <= 1.0:
+            raise ValueError(f"merge weights {list(weights)} give λ={lam} outside [0, 1].")
+        lambdas.append(lam)
+    if total == 0:
+        raise ValueError(f"merge weights {list(weights)} sum to zero; give at least one positive weight.")
+    return lambdas
+
+
+def _cosines(gram: torch.Tensor) -> list[list[float]]:
+    norms = gram.diagonal().clamp_min(0).sqrt()
+    denom = norms[:, None] * norms[None, :]
+    cos = torch.where(denom > 0, gram / denom.clamp_min(1e-300), torch.zeros_like(gram)).clamp(-1, 1)
+    return cos.tolist()
+
+
+def slerp_coefficients(gram: torch.Tensor, lambdas: Sequence[float], numel: int = 0) -> GroupStats:
+    """Run WARP's SLERP recursion on a Gram matrix G = [<d_i, d_j>] (M x M) of one group, in float64.
+
+    The accumulated task vector a = sum_m c_m d_m has |a|^2 = c^T G c and <a, d_k> = (G c)_k, so each
+    step needs only G. Returns the group's stats, whose `coefficients` give merged = init + sum c_m d_m.
+    """
+    g = gram.to(torch.float64)
+    m = g.shape[0]
+    if g.shape != (m, m) or len(lambdas) != m - 1:
+        raise ValueError(f"Gram matrix {tuple(g.shape)} does not match {len(lambdas)} lambdas.")
+    c = torch.zeros(m, dtype=torch.float64)
+    c[0] = 1.0
+    stats = GroupStats(numel=numel, norms=g.diagonal().clamp_min(0).sqrt().tolist(), cosines=_cosines(g))
+    for k, lam in enumerate(lambdas, start=1):
+        e_k = torch.zeros(m, dtype=torch.float64)
+        e_k[k] = 1.0
+        norm_a = float(c @ g @ c) ** 0.5 if float(c @ g @ c) > 0 else 0.0
+        norm_b = float(g[k, k]) ** 0.5 if float(g[k, k]) > 0 else 0.0
+        if norm_a == 0.0 or norm_b == 0.0:
+            c, mode, omega = (1 - lam) * c + lam * e_k, "lerp:zero", float("nan")
+        else:
+            cos = max(-1.0, min(1.0, float(g[k] @ c) / (norm_a * norm_b)))  # clamp: roundoff can exceed 1
+            omega = math.acos(cos)
+            sin = math.sin(omega)
+            if sin < SIN_EPS:
+                c, mode = (1 - lam) * c + lam * e_k, "lerp:parallel"
+            else:
+                # ---- WARP's SLERP: sin((1-λ)Ω)/sin(Ω) * a + sin(λΩ)/sin(Ω) * d_k ----
+                c = math.sin((1 - lam) * omega) / sin * c + math.sin(lam * omega) / sin * e_k
+                mode = "slerp"
+        stats.angles_deg.append(math.degrees(omega))
+        stats.modes.append(mode)
+    stats.coefficients = c.tolist()
+    stats.merged_norm = max(float(c @ g @ c), 0.0) ** 0.5
+    return stats
+
+
+def lerp_coefficients(gram: torch.Tensor, weights: Sequence[float], numel: int = 0) -> GroupStats:
+    """LERP of task vectors: merged = init + sum_m (w_m / sum w) d_m; stats from the same Gram matrix."""
+    g = gram.to(torch.float64)
+    total = float(sum(weights))
+    if total == 0:
+        raise ValueError(f"merge weights {list(weights)} sum to zero; LERP needs a non-zero sum.")
+    c = torch.tensor([w / total for w in weights], dtype=torch.float64)
+    stats = GroupStats(numel=numel, norms=g.diagonal().clamp_min(0).sqrt().tolist(), cosines=_cosines(g))
+    stats.coefficients = c.tolist()
+    stats.merged_norm = max(float(c @ g @ c), 0.0) ** 0.5
+    return stats
+
+
+def combine(
+    init: torch.Tensor, models: Sequence[torch.Tensor], coefficients: Sequence[float]
+) -> torch.Tensor:
+    """(1 - sum c) * init + sum_m c_m * theta_m in the dtype of the inputs (call it with fp32/fp64 tensors).
+
+    Written over the weights, not the task vectors, so λ = 0 and λ = 1 reproduce the inputs bit for bit
+    (0 * init + 1 * theta_m), which init + (theta_m - init) does not in floating point.
+    """
+    out = init * (1.0 - math.fsum(coefficients))
+    for theta, coef in zip(models, coefficients, strict=True):
+        if coef != 0.0:
+            out.add_(theta, alpha=coef)
+    return out
+
+
+def _check_states(init: State, models: Sequence[State]) -> None:
+    if len(models) < 2:
+        raise ValueError(f"a merge needs at least 2 models, got {len(models)}.")
+    for i, state in enumerate(models):
+        if state.keys() != init.keys():
+            diff = sorted(set(state) ^ set(init))[:5]
+            raise ValueError(f"model {i} and the init have different tensors, e.g. {diff}.")
+        for name, t in state.items():
+            if t.shape != init[name].shape:
+                raise ValueError(
+                    f"{name}: model {i} has shape {tuple(t.shape)}, init {tuple(init[name].shape)}."
+                )
+
+
+def task_vector(init: State, policy: State, *, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """τ = policy - init for every floating tensor, computed in `dtype` (float32 or float64)."""
+    _check_states(init, [policy, policy])
+    return {n: policy[n].to(dtype) - t.to(dtype) for n, t in init.items() if t.is_floating_point()}
+
+
+def _merge(
+    init: State,
+    models: Sequence[State],
+    coefficients_of,
+    granularity: Granularity,
+    dtype: torch.dtype | None,
+    compute_dtype: torch.dtype,
+) -> tuple[dict[str, torch.Tensor], dict[str, GroupStats]]:
+    _check_states(init, models)
+    groups: dict[str, list[str]] = {}
+    for name, t in init.items():
+        if t.is_floating_point():
+            groups.setdefault(group_key(name, granularity), []).append(name)
+    out: dict[str, torch.Tensor] = {n: t.clone() for n, t in init.items() if not t.is_floating_point()}
+    stats: dict[str, GroupStats] = {}
+    for group, names in groups.items():
+        gram = torch.zeros(len(models), len(models), dtype=torch.float64)
+        for name in names:
+            base = init[name].to(compute_dtype).flatten()
+            d = torch.stack([s[name].to(compute_dtype).flatten() - base for s in models])
+            if not torch.isfinite(d).all():
+                raise ValueError(f"{name}: NaN or Inf in the init or a model; refusing to merge it.")
+            gram += (d @ d.T).to(torch.float64)
+        numel = sum(init[n].numel() for n in names)
+        stats[group] = coefficients_of(gram, numel)
+        for name in names:
+            merged = combine(
+                init[name].to(compute_dtype),
+                [s[name].to(compute_dtype) for s in models],
+                stats[group].coefficients,
+            )
+            out[name] = merged.to(dtype or init[name].dtype)  # the one cast to the output dtype
+    return {n: out[n] for n in init}, stats
+
+
+def slerp(
+    init: State,
+    models: Sequence[State],
+    weights: Sequence[float] | None = None,
+    *,
+    granularity: Granularity = "block",
+    allow_extrapolation: bool = False,
+    dtype: torch.dtype | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> tuple[dict[str, torch.Tensor], dict[str, GroupStats]]:
+    """WARP stage 2: SLERP of the models' task vectors relative to `init`, M >= 2 by the paper's recursion.
+
+    weights: one per model (uniform by default, i.e. λ_k = 1/k); the two-model λ is weights (1 - λ, λ).
+    granularity: one angle Ω per `block` (transformer layer, default: the paper merges "layer by layer,
+    each having a different angle", and a layer's tensors move together), per `tensor`, or per `model`.
+    dtype: output dtype (default: each tensor keeps the init's). Returns (merged state, stats per group).
+    """
+    lambdas = merge_lambdas(
+        list(weights) if weights is not None else [1.0] * len(models), allow_extrapolation=allow_extrapolation
+    )
+    return _merge(
+        init, models, lambda g, n: slerp_coefficients(g, lambdas, n), granularity, dtype, compute_dtype
+    )
+
+
+def lerp(
+    init: State,
+    models: Sequence[State],
+    weights: Sequence[float] | None = None,
+    *,
+    granularity: Granularity = "block",
+    allow_extrapolation: bool = False,
+    dtype: torch.dtype | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> tuple[dict[str, torch.Tensor], dict[str, GroupStats]]:
+    """Linear interpolation of task vectors: init + sum_m (w_m / sum w) d_m (uniform weights by default).
+
+    The baseline SLERP is compared with: at Ω = 90° it shrinks the task vector by 1/sqrt(2). Stats carry
+    the same per-group geometry as `slerp` (granularity only changes how they are grouped).
+    """
+    w = list(weights) if weights is not None else [1.0] * len(models)
+    merge_lambdas(w, allow_extrapolation=allow_extrapolation)  # same validation as SLERP
+    return _merge(init, models, lambda g, n: lerp_coefficients(g, w, n), granularity, dtype, compute_dtype)
+
+
+def stats_to_log(stats: Mapping[str, GroupStats], prefix: str = "merge") -> dict[str, float]:
+    """Flatten per-group stats to scalar metrics: `merge/<group>/angle_deg`, `.../cos`, `.../norm_<m>`."""
+    log: dict[str, float] = {}
+    for group, s in stats.items():
+        key = f"{prefix}/{group}"
+        if s.angles_deg:
+            log[f"{key}/angle_deg"] = s.angles_deg[-1]
+        if len(s.norms) >= 2:
+            log[f"{key}/cos"] = s.cosines[0][1]
+        for m, norm in enumerate(s.norms):
+            log[f"{key}/norm_{m}"] = norm
+        log[f"{key}/merged_norm"] = s.merged_norm
+    return log
 
 
 def _check_eta(eta: float, allow_extrapolation: bool) -> None:

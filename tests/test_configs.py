@@ -1,0 +1,36 @@
+"""Every shipped config parses: WARP configs into WarpConfig, their rl section through the run's own parser."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from warpkit.driver import load_config
+from warpkit.rl import parse_args
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+WARP_CONFIGS = sorted(CONFIGS.glob("warp_*.yaml"))
+
+
+def test_configs_exist():
+    names = {p.name for p in WARP_CONFIGS}
+    assert {"warp_tiny.yaml", "warp_default.yaml"} <= names
+    assert len(names) >= 4  # plus real-scale recipes
+
+
+@pytest.mark.parametrize("path", WARP_CONFIGS, ids=lambda p: p.name)
+def test_warp_config_parses(path, tmp_path):
+    text = path.read_text()
+    assert text.startswith("#"), "each config opens with its purpose, hardware and launch command"
+    assert "Launch:" in text and "Hardware:" in text
+    config = load_config(path)
+    run = {**config.rl, "model_name_or_path": "m", "output_dir": str(tmp_path), "data_seed": 0}
+    run["bf16"] = False  # GPU recipes ask for bf16, which TrainingArguments refuses on a CPU-only machine
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+    rl_args, training_args, model_args = parse_args(["--config", str(tmp_path / "run.yaml")])
+    assert training_args.beta > 0 and rl_args.anchor == "ema"
+    assert model_args.use_peft == ("lora" in path.name)
+    if config.accelerate_config:
+        assert (CONFIGS.parent / config.accelerate_config).is_file()
