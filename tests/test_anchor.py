@@ -229,7 +229,11 @@ def test_resume_restores_anchor(tiny_llama_dir, tmp_path):
         return trainer
 
     full = run(tmp_path / "full")
-    assert (tmp_path / "full" / "checkpoint-2" / "warpkit_anchor.safetensors").is_file()
+    ckpt = tmp_path / "full" / "checkpoint-2"
+    # written before trainer_state.json, the Trainer's last file, which resume tools take as "complete"
+    assert (ckpt / "warpkit_anchor.safetensors").stat().st_mtime_ns <= (
+        ckpt / "trainer_state.json"
+    ).stat().st_mtime_ns
     resumed = run(tmp_path / "resumed", resume=str(tmp_path / "full" / "checkpoint-2"))
     policy_full = {n: p.detach() for n, p in full.model.named_parameters()}
     policy_resumed = {n: p.detach() for n, p in resumed.model.named_parameters()}

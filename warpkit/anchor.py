@@ -226,6 +226,7 @@ class EMAAnchorCallback(TrainerCallback):
         _record_resume_dir(trainer, self)
         self._layout: _Layout | None = None
         self._hooks: list[Any] = []
+        self._saved_step = -1
         self._peft = _peft_model(trainer)
         if self._peft is not None:
             _ensure_ref_adapter(self._peft)
@@ -257,23 +258,34 @@ class EMAAnchorCallback(TrainerCallback):
             self.reset_to_policy()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._layout is None or state.global_step % self.update_every != 0:
+        if self._layout is None:
             return
-        start = time.perf_counter()
-        self.update()
-        seconds = time.perf_counter() - start
-        if args.logging_steps and state.global_step % _logging_every(args, state) == 0:
-            self._log(
-                {
-                    "anchor/ema_rate": self.ema_rate,
-                    "anchor/distance": self.distance(),
-                    "anchor/update_seconds": seconds,
-                }
-            )
+        if state.global_step % self.update_every == 0:
+            start = time.perf_counter()
+            self.update()
+            seconds = time.perf_counter() - start
+            if args.logging_steps and state.global_step % _logging_every(args, state) == 0:
+                self._log(
+                    {
+                        "anchor/ema_rate": self.ema_rate,
+                        "anchor/distance": self.distance(),
+                        "anchor/update_seconds": seconds,
+                    }
+                )
+        if control.should_save:
+            # Write the anchor into checkpoint-N *before* the Trainer writes the model and, last of all,
+            # trainer_state.json, so a checkpoint whose trainer_state.json exists always holds its anchor (a crash
+            # in between leaves no state file, and resume tools skip the checkpoint).
+            self._save_for_step(args, state)
 
     def on_save(self, args, state, control, **kwargs):
-        if self._layout is not None:
+        # saves the step-based path did not see (epoch strategy, an explicit `trainer._save_checkpoint`)
+        self._save_for_step(args, state)
+
+    def _save_for_step(self, args, state) -> None:
+        if self._layout is not None and self._saved_step != state.global_step:
             self.save_state(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+            self._saved_step = state.global_step
 
     # ---- the anchor ------------------------------------------------------------------------------------
     def reset_to_policy(self) -> None:
