@@ -25,8 +25,13 @@ Where the anchor lives, per setup (`EMAAnchorCallback` picks the layout when tra
   that cannot afford D, and `bench/anchor.py` prints its deviation from the exact EMA.
 
 Checkpoints: the anchor's state (fp32) goes to `<checkpoint>/warpkit_anchor[-rank<r>-of-<w>].safetensors`
-(atomic write) at every Trainer save, and `resume_from_checkpoint` restores it, so a resumed run ends with the
-same anchor as an uninterrupted one.
+(atomic write) at every Trainer save, before the Trainer's own `trainer_state.json`, and
+`resume_from_checkpoint` restores it, so a resumed run ends with the same anchor as an uninterrupted one.
+Under ZeRO-3 each rank saves its slices, so a resume needs the same number of processes.
+
+Cost per update: fp32, one pass reading policy and anchor and writing the anchor (`bench/anchor.py` measures
+it at the speed of a single `lerp_` over a flat buffer); bf16/fp16, the fp32 shadow adds 4 bytes per parameter
+of memory and is updated cache-blocked. LoRA exact: one `addmm_` per adapted layer.
 """
 
 from __future__ import annotations
