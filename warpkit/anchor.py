@@ -111,6 +111,23 @@ def _mixed_chunked_(anchor: list[Tensor], policy: list[Tensor], out: list[Tensor
                 o[start:stop].copy_(a[start:stop])
 
 
+def _squared_distance_and_norm(anchor: list[Tensor], policy: list[Tensor]) -> tuple[float, float]:
+    """(sum |a_i - p_i|^2, sum |p_i|^2) in fp32, through a cache-sized scratch: no model-sized temporaries."""
+    scratch = torch.empty(_CHUNK_NUMEL, dtype=torch.float32, device=anchor[0].device)
+    num = torch.zeros((), dtype=torch.float64, device=anchor[0].device)
+    den = torch.zeros((), dtype=torch.float64, device=anchor[0].device)
+    for a, p in zip(anchor, policy, strict=True):
+        a, p = a.reshape(-1), p.reshape(-1)
+        for start in range(0, a.numel(), _CHUNK_NUMEL):
+            stop = min(start + _CHUNK_NUMEL, a.numel())
+            chunk = scratch[: stop - start]
+            chunk.copy_(p[start:stop])
+            den += torch.linalg.vector_norm(chunk).double() ** 2
+            chunk.sub_(a[start:stop])
+            num += torch.linalg.vector_norm(chunk).double() ** 2
+    return float(num), float(den)
+
+
 def _mixed_bucketed_(anchor: list[Tensor], policy: list[Tensor], out: list[Tensor], ema_rate: float) -> None:
     size = max(_BUCKET_NUMEL, max(p.numel() for p in policy))
     scratch = torch.empty(size, dtype=anchor[0].dtype, device=anchor[0].device)
@@ -324,11 +341,14 @@ class EMAAnchorCallback(TrainerCallback):
     def distance(self) -> float:
         """|anchor - policy| / |policy| over the averaged tensors (for LoRA exact: over the deltas D, s B A)."""
         layout = self._require_layout()
-        num = den = 0.0
-        for st, src in zip(layout.state, layout.sources, strict=True):
-            policy = src[0].float() @ src[1].float() * src[2] if layout.kind == "lora_exact" else src.float()
-            num += float(torch.linalg.vector_norm(st.float() - policy) ** 2)
-            den += float(torch.linalg.vector_norm(policy) ** 2)
+        if layout.kind == "lora_exact":
+            num = den = 0.0
+            for d, (b, a, s) in zip(layout.state, layout.sources, strict=True):
+                delta = b.float() @ a.float() * s
+                num += float(torch.linalg.vector_norm(d - delta) ** 2)
+                den += float(torch.linalg.vector_norm(delta) ** 2)
+        else:
+            num, den = _squared_distance_and_norm(layout.state, layout.sources)
         if layout.kind == "zero3":  # each rank holds slices: sum the squares over ranks
             import torch.distributed as dist
 
