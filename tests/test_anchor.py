@@ -313,3 +313,13 @@ def test_stale_anchor_warning(overrides, tiny_llama_dir, tmp_path):
     trainer = make_trainer("rloo", str(tiny_llama_dir), tiny_llama_dir, tmp_path, **overrides)
     with pytest.warns(UserWarning, match="1 updates stale"):
         EMAAnchorCallback(trainer)
+
+
+def test_lora_with_trained_non_adapter_weights_is_refused(tiny_llama_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["model.norm"])
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), config)
+    trainer = make_trainer("rloo", model, tiny_llama_dir, tmp_path)
+    with pytest.raises(ValueError, match="modules_to_save"):
+        EMAAnchorCallback(trainer)

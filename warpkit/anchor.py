@@ -122,9 +122,9 @@ def _squared_distance_and_norm(anchor: list[Tensor], policy: list[Tensor]) -> tu
             stop = min(start + _CHUNK_NUMEL, a.numel())
             chunk = scratch[: stop - start]
             chunk.copy_(p[start:stop])
-            den += torch.linalg.vector_norm(chunk).double() ** 2
+            den += torch.dot(chunk, chunk).double()
             chunk.sub_(a[start:stop])
-            num += torch.linalg.vector_norm(chunk).double() ** 2
+            num += torch.dot(chunk, chunk).double()
     return float(num), float(den)
 
 
@@ -251,6 +251,7 @@ class EMAAnchorCallback(TrainerCallback):
         self._saved_step = -1
         self._peft = _peft_model(trainer)
         if self._peft is not None:
+            _lora_layers(self._peft)  # refuse unsupported adapters now rather than when training starts
             _ensure_ref_adapter(self._peft)
         elif trainer.ref_model is None:
             raise ValueError(
@@ -596,10 +597,6 @@ def _lora_layers(model) -> list[tuple[str, nn.Module]]:
         if module.fan_in_fan_out:
             raise ValueError(f"{name}: fan_in_fan_out=True LoRA layers are not supported by the EMA anchor.")
         layers.append((name, module))
-    return layers
-
-
-def _lora_layout(model, lora_mode: LoraMode, hooks: list) -> _Layout:
     trained = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
     if trained:
         raise ValueError(
@@ -610,9 +607,13 @@ def _lora_layout(model, lora_mode: LoraMode, hooks: list) -> _Layout:
         raise ValueError(
             "LoRA under DeepSpeed ZeRO-3 is not supported by EMAAnchorCallback yet; use ZeRO-2 or DDP."
         )
-    layers = _lora_layers(model)
     if not layers:
         raise ValueError("The PeftModel has no LoRA Linear layer with a 'default' adapter to average.")
+    return layers
+
+
+def _lora_layout(model, lora_mode: LoraMode, hooks: list) -> _Layout:
+    layers = _lora_layers(model)
     if lora_mode == "factors":
         names, sources, targets = [], [], []
         for name, m in layers:
