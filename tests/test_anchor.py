@@ -37,6 +37,34 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[n].double() - b[n].double()).abs().max()) for n in b)
 
 
+@pytest.mark.parametrize("path", ["cpu-chunked", "accelerator-bucketed"])
+def test_ema_update_matches_float64(path, monkeypatch):
+    """Fused update vs the formula in float64, over shapes that cross the 2^20 chunk and bucket edges.
+
+    Mixed pairs are fp32 state + bf16 policy, written to bf16 `out`: out must be the state rounded once.
+    """
+    import warpkit.anchor as anchor_mod
+
+    if path == "accelerator-bucketed":  # the accelerator code path, exercised on CPU with small buckets
+        monkeypatch.setattr(anchor_mod, "_mixed_chunked_", anchor_mod._mixed_bucketed_)
+        monkeypatch.setattr(anchor_mod, "_BUCKET_NUMEL", 5000)
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(1100, 1000), (7,), (64, 33), (3000,), (1, 2049)]
+    state = [torch.randn(s, generator=gen) for s in shapes]
+    policy = [
+        torch.randn(s, generator=gen).to(torch.bfloat16 if i % 2 else torch.float32)
+        for i, s in enumerate(shapes)
+    ]
+    out = [torch.empty(s, dtype=torch.bfloat16) if i % 2 else state[i] for i, s in enumerate(shapes)]
+    want = [(1 - 0.3) * a.double() + 0.3 * p.double() for a, p in zip(state, policy, strict=True)]
+    anchor_mod.ema_update_(state, policy, 0.3, out=out)
+    for i, (a, w, o) in enumerate(zip(state, want, out, strict=True)):
+        assert float((a.double() - w).abs().max()) < 1e-6, i
+        assert torch.equal(o, a.to(o.dtype)), i
+    with pytest.raises(ValueError, match="policy"):
+        anchor_mod.ema_update_(state, policy[:2], 0.3)
+
+
 @pytest.mark.parametrize(
     ("kind", "overrides", "update_every"),
     [("rloo", {"gradient_accumulation_steps": 2}, 1), ("grpo", {"max_steps": 5}, 2)],
@@ -201,7 +229,11 @@ def test_resume_restores_anchor(tiny_llama_dir, tmp_path):
         return trainer
 
     full = run(tmp_path / "full")
-    assert (tmp_path / "full" / "checkpoint-2" / "warpkit_anchor.safetensors").is_file()
+    ckpt = tmp_path / "full" / "checkpoint-2"
+    # written before trainer_state.json, the Trainer's last file, which resume tools take as "complete"
+    assert (ckpt / "warpkit_anchor.safetensors").stat().st_mtime_ns <= (
+        ckpt / "trainer_state.json"
+    ).stat().st_mtime_ns
     resumed = run(tmp_path / "resumed", resume=str(tmp_path / "full" / "checkpoint-2"))
     policy_full = {n: p.detach() for n, p in full.model.named_parameters()}
     policy_resumed = {n: p.detach() for n, p in resumed.model.named_parameters()}
@@ -280,4 +312,14 @@ def test_sync_ref_model_conflict(tiny_llama_dir, tmp_path):
 def test_stale_anchor_warning(overrides, tiny_llama_dir, tmp_path):
     trainer = make_trainer("rloo", str(tiny_llama_dir), tiny_llama_dir, tmp_path, **overrides)
     with pytest.warns(UserWarning, match="1 updates stale"):
+        EMAAnchorCallback(trainer)
+
+
+def test_lora_with_trained_non_adapter_weights_is_refused(tiny_llama_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["model.norm"])
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), config)
+    trainer = make_trainer("rloo", model, tiny_llama_dir, tmp_path)
+    with pytest.raises(ValueError, match="modules_to_save"):
         EMAAnchorCallback(trainer)

@@ -25,8 +25,13 @@ Where the anchor lives, per setup (`EMAAnchorCallback` picks the layout when tra
   that cannot afford D, and `bench/anchor.py` prints its deviation from the exact EMA.
 
 Checkpoints: the anchor's state (fp32) goes to `<checkpoint>/warpkit_anchor[-rank<r>-of-<w>].safetensors`
-(atomic write) at every Trainer save, and `resume_from_checkpoint` restores it, so a resumed run ends with the
-same anchor as an uninterrupted one.
+(atomic write) at every Trainer save, before the Trainer's own `trainer_state.json`, and
+`resume_from_checkpoint` restores it, so a resumed run ends with the same anchor as an uninterrupted one.
+Under ZeRO-3 each rank saves its slices, so a resume needs the same number of processes.
+
+Cost per update: fp32, one pass reading policy and anchor and writing the anchor (`bench/anchor.py` measures
+it at the speed of a single `lerp_` over a flat buffer); bf16/fp16, the fp32 shadow adds 4 bytes per parameter
+of memory and is updated cache-blocked. LoRA exact: one `addmm_` per adapted layer.
 """
 
 from __future__ import annotations
@@ -52,23 +57,96 @@ STATE_FORMAT = "warpkit-anchor-v1"
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-def ema_update_(anchor: list[Tensor], policy: list[Tensor], ema_rate: float) -> None:
-    """In place, fused over all tensors: anchor_i <- (1 - mu) * anchor_i + mu * policy_i, mu = `ema_rate`.
+def ema_update_(
+    anchor: list[Tensor], policy: list[Tensor], ema_rate: float, *, out: list[Tensor] | None = None
+) -> None:
+    """In place: anchor_i <- (1 - mu) * anchor_i + mu * policy_i (mu = `ema_rate`), then out_i <- anchor_i.
 
-    Same-dtype pairs go through one `torch._foreach_lerp_` (reads anchor and policy once, writes anchor once:
-    the memory-bandwidth floor). Mixed pairs (an fp32 shadow and a bf16 policy) cannot use lerp, which wants
-    equal dtypes, and go through `_foreach_mul_` + `_foreach_add_`, which promote on the fly.
+    `anchor` is the EMA state (fp32 when the model is bf16/fp16: the fp32 shadow), `out` the tensors the
+    reference forward reads (cast on copy; skipped where `out_i is anchor_i`). Shapes must match pairwise.
+
+    - Same-dtype pairs: one `torch._foreach_lerp_`, which reads anchor and policy once and writes anchor once,
+      the memory-bandwidth floor (TRL's `mul_` + `add_` passes over the anchor twice).
+    - Mixed pairs (fp32 shadow, bf16 policy): lerp wants equal dtypes and mixed-dtype foreach ops take a slow,
+      unvectorised path, so the policy is converted into a small fp32 scratch, chunk by chunk, and each chunk is
+      averaged and written back while it is still in cache (CPU); on accelerators, where launches cost more
+      than passes, whole buckets of tensors go through three foreach calls instead.
     """
-    if len(anchor) != len(policy):
-        raise ValueError(f"anchor has {len(anchor)} tensors but policy has {len(policy)}.")
-    same = [(a, p) for a, p in zip(anchor, policy, strict=True) if a.dtype == p.dtype]
-    mixed = [(a, p) for a, p in zip(anchor, policy, strict=True) if a.dtype != p.dtype]
+    if len(anchor) != len(policy) or (out is not None and len(out) != len(anchor)):
+        raise ValueError(f"Got {len(anchor)} anchor, {len(policy)} policy and {len(out or [])} out tensors.")
+    out = anchor if out is None else out
+    same = [i for i in range(len(anchor)) if anchor[i].dtype == policy[i].dtype]
+    mixed = [i for i in range(len(anchor)) if anchor[i].dtype != policy[i].dtype]
     if same:
-        torch._foreach_lerp_([a for a, _ in same], [p for _, p in same], ema_rate)
-    if mixed:
-        mixed_anchor = [a for a, _ in mixed]
-        torch._foreach_mul_(mixed_anchor, 1.0 - ema_rate)
-        torch._foreach_add_(mixed_anchor, [p for _, p in mixed], alpha=ema_rate)
+        torch._foreach_lerp_([anchor[i] for i in same], [policy[i] for i in same], ema_rate)
+        copies = [i for i in same if out[i] is not anchor[i]]
+        if copies:
+            torch._foreach_copy_([out[i] for i in copies], [anchor[i] for i in copies])
+    if not mixed:
+        return
+    if anchor[mixed[0]].device.type == "cpu":
+        _mixed_chunked_(
+            [anchor[i] for i in mixed], [policy[i] for i in mixed], [out[i] for i in mixed], ema_rate
+        )
+    else:
+        _mixed_bucketed_(
+            [anchor[i] for i in mixed], [policy[i] for i in mixed], [out[i] for i in mixed], ema_rate
+        )
+
+
+_CHUNK_NUMEL = 1 << 20  # 4 MB of fp32 scratch: stays in cache, large enough for multithreaded kernels
+_BUCKET_NUMEL = 1 << 25  # 128 MB of fp32 scratch per bucket on accelerators
+
+
+def _mixed_chunked_(anchor: list[Tensor], policy: list[Tensor], out: list[Tensor], ema_rate: float) -> None:
+    scratch = torch.empty(_CHUNK_NUMEL, dtype=anchor[0].dtype, device=anchor[0].device)
+    for a, p, o in zip(anchor, policy, out, strict=True):
+        a, p, o = a.view(-1), p.reshape(-1), o.view(-1)
+        for start in range(0, a.numel(), _CHUNK_NUMEL):
+            stop = min(start + _CHUNK_NUMEL, a.numel())
+            chunk = scratch[: stop - start]
+            chunk.copy_(p[start:stop])
+            a[start:stop].lerp_(chunk, ema_rate)
+            if o is not a:
+                o[start:stop].copy_(a[start:stop])
+
+
+def _squared_distance_and_norm(anchor: list[Tensor], policy: list[Tensor]) -> tuple[float, float]:
+    """(sum |a_i - p_i|^2, sum |p_i|^2) in fp32, through a cache-sized scratch: no model-sized temporaries."""
+    scratch = torch.empty(_CHUNK_NUMEL, dtype=torch.float32, device=anchor[0].device)
+    num = torch.zeros((), dtype=torch.float64, device=anchor[0].device)
+    den = torch.zeros((), dtype=torch.float64, device=anchor[0].device)
+    for a, p in zip(anchor, policy, strict=True):
+        a, p = a.reshape(-1), p.reshape(-1)
+        for start in range(0, a.numel(), _CHUNK_NUMEL):
+            stop = min(start + _CHUNK_NUMEL, a.numel())
+            chunk = scratch[: stop - start]
+            chunk.copy_(p[start:stop])
+            den += torch.dot(chunk, chunk).double()
+            chunk.sub_(a[start:stop])
+            num += torch.dot(chunk, chunk).double()
+    return float(num), float(den)
+
+
+def _mixed_bucketed_(anchor: list[Tensor], policy: list[Tensor], out: list[Tensor], ema_rate: float) -> None:
+    size = max(_BUCKET_NUMEL, max(p.numel() for p in policy))
+    scratch = torch.empty(size, dtype=anchor[0].dtype, device=anchor[0].device)
+    start = 0
+    while start < len(anchor):
+        stop, used = start, 0
+        while stop < len(anchor) and (stop == start or used + policy[stop].numel() <= size):
+            used += policy[stop].numel()
+            stop += 1
+        views, offset = [], 0
+        for p in policy[start:stop]:
+            views.append(scratch[offset : offset + p.numel()].view(p.shape))
+            offset += p.numel()
+        torch._foreach_copy_(views, policy[start:stop])
+        torch._foreach_lerp_(anchor[start:stop], views, ema_rate)
+        pairs = [(o, a) for o, a in zip(out[start:stop], anchor[start:stop], strict=True) if o is not a]
+        if pairs:
+            torch._foreach_copy_([o for o, _ in pairs], [a for _, a in pairs])
+        start = stop
 
 
 @dataclass
@@ -170,8 +248,10 @@ class EMAAnchorCallback(TrainerCallback):
         _record_resume_dir(trainer, self)
         self._layout: _Layout | None = None
         self._hooks: list[Any] = []
+        self._saved_step = -1
         self._peft = _peft_model(trainer)
         if self._peft is not None:
+            _lora_layers(self._peft)  # refuse unsupported adapters now rather than when training starts
             _ensure_ref_adapter(self._peft)
         elif trainer.ref_model is None:
             raise ValueError(
@@ -201,23 +281,34 @@ class EMAAnchorCallback(TrainerCallback):
             self.reset_to_policy()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._layout is None or state.global_step % self.update_every != 0:
+        if self._layout is None:
             return
-        start = time.perf_counter()
-        self.update()
-        seconds = time.perf_counter() - start
-        if args.logging_steps and state.global_step % _logging_every(args, state) == 0:
-            self._log(
-                {
-                    "anchor/ema_rate": self.ema_rate,
-                    "anchor/distance": self.distance(),
-                    "anchor/update_seconds": seconds,
-                }
-            )
+        if state.global_step % self.update_every == 0:
+            start = time.perf_counter()
+            self.update()
+            seconds = time.perf_counter() - start
+            if args.logging_steps and state.global_step % _logging_every(args, state) == 0:
+                self._log(
+                    {
+                        "anchor/ema_rate": self.ema_rate,
+                        "anchor/distance": self.distance(),
+                        "anchor/update_seconds": seconds,
+                    }
+                )
+        if control.should_save:
+            # Write the anchor into checkpoint-N *before* the Trainer writes the model and, last of all,
+            # trainer_state.json, so a checkpoint whose trainer_state.json exists always holds its anchor (a crash
+            # in between leaves no state file, and resume tools skip the checkpoint).
+            self._save_for_step(args, state)
 
     def on_save(self, args, state, control, **kwargs):
-        if self._layout is not None:
+        # saves the step-based path did not see (epoch strategy, an explicit `trainer._save_checkpoint`)
+        self._save_for_step(args, state)
+
+    def _save_for_step(self, args, state) -> None:
+        if self._layout is not None and self._saved_step != state.global_step:
             self.save_state(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+            self._saved_step = state.global_step
 
     # ---- the anchor ------------------------------------------------------------------------------------
     def reset_to_policy(self) -> None:
@@ -239,19 +330,26 @@ class EMAAnchorCallback(TrainerCallback):
             for d, (b, a, s) in zip(layout.state, layout.sources, strict=True):
                 d.addmm_(b.float(), a.float(), beta=1.0 - self.ema_rate, alpha=self.ema_rate * s)
         else:
-            ema_update_(layout.state, layout.sources, self.ema_rate)
-        layout.write_targets()
+            ema_update_(layout.state, layout.sources, self.ema_rate, out=layout.targets)
+        if layout.kind == "lora_exact":
+            layout.write_targets()
+        else:
+            for fn in layout.after_write:
+                fn()
         self.num_updates += 1
 
     @torch.no_grad()
     def distance(self) -> float:
         """|anchor - policy| / |policy| over the averaged tensors (for LoRA exact: over the deltas D, s B A)."""
         layout = self._require_layout()
-        num = den = 0.0
-        for st, src in zip(layout.state, layout.sources, strict=True):
-            policy = src[0].float() @ src[1].float() * src[2] if layout.kind == "lora_exact" else src.float()
-            num += float(torch.linalg.vector_norm(st.float() - policy) ** 2)
-            den += float(torch.linalg.vector_norm(policy) ** 2)
+        if layout.kind == "lora_exact":
+            num = den = 0.0
+            for d, (b, a, s) in zip(layout.state, layout.sources, strict=True):
+                delta = b.float() @ a.float() * s
+                num += float(torch.linalg.vector_norm(d - delta) ** 2)
+                den += float(torch.linalg.vector_norm(delta) ** 2)
+        else:
+            num, den = _squared_distance_and_norm(layout.state, layout.sources)
         if layout.kind == "zero3":  # each rank holds slices: sum the squares over ranks
             import torch.distributed as dist
 
@@ -499,10 +597,6 @@ def _lora_layers(model) -> list[tuple[str, nn.Module]]:
         if module.fan_in_fan_out:
             raise ValueError(f"{name}: fan_in_fan_out=True LoRA layers are not supported by the EMA anchor.")
         layers.append((name, module))
-    return layers
-
-
-def _lora_layout(model, lora_mode: LoraMode, hooks: list) -> _Layout:
     trained = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
     if trained:
         raise ValueError(
@@ -513,9 +607,13 @@ def _lora_layout(model, lora_mode: LoraMode, hooks: list) -> _Layout:
         raise ValueError(
             "LoRA under DeepSpeed ZeRO-3 is not supported by EMAAnchorCallback yet; use ZeRO-2 or DDP."
         )
-    layers = _lora_layers(model)
     if not layers:
         raise ValueError("The PeftModel has no LoRA Linear layer with a 'default' adapter to average.")
+    return layers
+
+
+def _lora_layout(model, lora_mode: LoraMode, hooks: list) -> _Layout:
+    layers = _lora_layers(model)
     if lora_mode == "factors":
         names, sources, targets = [], [], []
         for name, m in layers:
