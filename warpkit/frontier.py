@@ -162,7 +162,7 @@ def score_completions(
     width = max(len(c) for c in completions)
     if width == 0:
         return [0.0] * len(prompts), [0.0] * len(prompts)
-    ids, mask, pos = _left_pad(prompts, pad_token_id, device)
+    ids, mask, _ = _left_pad(prompts, pad_token_id, device)
     comp = torch.full((len(prompts), width), pad_token_id, dtype=torch.long, device=device)
     comp_mask = torch.zeros_like(comp)
     for r, c in enumerate(completions):
