@@ -12,7 +12,17 @@ from typing import Any
 __version__ = "0.1.0"
 
 # public name -> module that defines it
-_LAZY: dict[str, str] = {}
+_LAZY: dict[str, str] = {
+    "FrontierConfig": "warpkit.frontier_config",
+    "load_frontier_config": "warpkit.frontier_config",
+    "run_frontier": "warpkit.frontier_run",
+    "write_frontier": "warpkit.frontier_run",
+    "evaluate_policy": "warpkit.frontier",
+    "pareto_front": "warpkit.pareto",
+    "hypervolume": "warpkit.pareto",
+    "reward_at_matched_kl": "warpkit.pareto",
+    "plot_frontier": "warpkit.plot",
+}
 
 __all__ = ["__version__", *_LAZY]
 

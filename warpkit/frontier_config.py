@@ -92,11 +92,15 @@ class FrontierConfig:
         on_long_prompt: ``error`` or ``skip`` prompts whose length + max_new_tokens exceeds a context.
         on_nan_reward: ``error`` or ``skip`` (drop from the reward mean, counted in the output).
         hypervolume_reference: ``[kl, reward]``; default ``[1.1 * largest KL, reference's reward]``.
+        front_kl: the KL estimator used for fronts, hypervolume, matched KL and the plot's x axis:
+            ``kl_exact`` (per-position exact KL, lower variance) or ``kl`` (Monte Carlo log-ratio).
+            Both have the same expectation; both are always written.
         compare: method pairs ``[a, b]`` for reward at matched KL; default every pair.
         method_labels: display names for the plot legend, by method.
         allow_pickle: accept ``pytorch_model.bin`` checkpoints (pickle: runs code on load). Off by default.
         output_dir: where frontier.json, frontier.csv and frontier.png go.
         title: plot title.
+        plot_xscale: ``linear`` or ``symlog`` (linear below 1 nat, log above) for the plot's KL axis.
     """
 
     reference: str
@@ -116,11 +120,13 @@ class FrontierConfig:
     on_long_prompt: Literal["error", "skip"] = "error"
     on_nan_reward: Literal["error", "skip"] = "error"
     hypervolume_reference: list[float] | None = None
+    front_kl: Literal["kl_exact", "kl"] = "kl_exact"
     compare: list[list[str]] | None = None
     method_labels: dict[str, str] = field(default_factory=dict)
     allow_pickle: bool = False
     output_dir: str = "frontier_out"
     title: str | None = None
+    plot_xscale: Literal["linear", "symlog"] = "linear"
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
@@ -133,6 +139,10 @@ class FrontierConfig:
         for name in ("on_long_prompt", "on_nan_reward"):
             if getattr(self, name) not in ("error", "skip"):
                 raise ValueError(f"{name} must be 'error' or 'skip', got {getattr(self, name)!r}.")
+        if self.plot_xscale not in ("linear", "symlog"):
+            raise ValueError(f"plot_xscale must be 'linear' or 'symlog', got {self.plot_xscale!r}.")
+        if self.front_kl not in ("kl_exact", "kl"):
+            raise ValueError(f"front_kl must be 'kl_exact' or 'kl', got {self.front_kl!r}.")
         if self.hypervolume_reference is not None and len(self.hypervolume_reference) != 2:
             raise ValueError(f"hypervolume_reference must be [kl, reward], got {self.hypervolume_reference}.")
         names = [p.name for p in self.policies]

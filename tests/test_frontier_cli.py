@@ -1,0 +1,127 @@
+"""`warpkit frontier configs/frontier_tiny.yaml` end to end on hand-made tiny policies (CI's plot).
+
+The models: a tiny random GPT-2 whose final LayerNorm has one constant output unit (weight 0, bias 1), so
+column 0 of lm_head is an exact per-token logit bias. Policies add a bias ``b`` to ten positive words:
+the KL to the SFT and the VADER reward both grow with ``b`` -- a real trade-off without any training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from warpkit.testing import save_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+POSITIVE = [1049, 922, 1842, 7932, 1266, 3772, 6275, 4998, 4950, 2818]  # " great", " good", " love", ...
+
+
+def _save(model, tokenizer, folder: Path) -> None:
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def build_tiny_frontier_models(root: Path) -> Path:
+    """sft, bias-2/4/6 (logit bias on POSITIVE), noisy/checkpoint-{100..400} (bias + growing weight noise)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sft = save_tiny_model(
+        root / "sft", "gpt2", tie_word_embeddings=False, hidden_size=32, num_layers=2, seed=0
+    )
+    tokenizer = AutoTokenizer.from_pretrained(sft)
+    base = AutoModelForCausalLM.from_pretrained(sft)
+    with torch.no_grad():
+        base.transformer.ln_f.weight[0] = 0.0
+        base.transformer.ln_f.bias[0] = 1.0
+        base.lm_head.weight[:, 0] = 0.0
+    _save(base, tokenizer, sft)
+
+    def variant(folder: Path, bias: float, noise: float = 0.0) -> None:
+        model = AutoModelForCausalLM.from_pretrained(sft)
+        with torch.no_grad():
+            model.lm_head.weight[POSITIVE, 0] = bias
+            g = torch.Generator().manual_seed(7)
+            for p in model.transformer.h.parameters():
+                p.add_(noise * torch.randn(p.shape, generator=g))
+        _save(model, tokenizer, folder)
+
+    for b in (2, 4, 6):
+        variant(root / f"bias-{b}", b)
+    for step, (b, noise) in zip(
+        (100, 200, 300, 400), ((1.5, 0.3), (3, 0.6), (4.5, 0.9), (6, 1.2)), strict=True
+    ):
+        variant(root / "noisy" / f"checkpoint-{step}", b, noise)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_frontier_root(tmp_path_factory) -> Path:
+    return build_tiny_frontier_models(tmp_path_factory.mktemp("frontier-models"))
+
+
+def test_frontier_tiny_config_end_to_end(tiny_frontier_root, tmp_path, monkeypatch, capsys):
+    from warpkit import frontier_run
+    from warpkit.cli import main
+
+    monkeypatch.setenv("WARPKIT_TINY", str(tiny_frontier_root))
+    loads = []
+    real_load = frontier_run._load_model
+    monkeypatch.setattr(
+        frontier_run, "_load_model", lambda path, *a: loads.append(path) or real_load(path, *a)
+    )
+    out = tmp_path / "out"
+    assert main(["frontier", str(REPO / "configs" / "frontier_tiny.yaml"), "--output_dir", str(out)]) == 0
+
+    doc = json.loads((out / "frontier.json").read_text())
+    rows = {r["name"]: r for r in doc["points"]}
+    expected = ["sft", "bias-2", "bias-4", "bias-6"] + [f"noisy/step={s}" for s in (100, 200, 300, 400)]
+    expected += [f"liti/eta={e:g}" for e in (0.0, 0.3, 0.5, 0.8, 1.0)]
+    assert list(rows) == expected
+    for r in rows.values():
+        assert r["num_samples"] == 8 * 4
+        for key in (
+            "reward_mean",
+            "reward_stderr",
+            "kl_mean",
+            "kl_stderr",
+            "kl_exact_mean",
+            "length_mean",
+            "diversity",
+        ):
+            assert math.isfinite(r[key]), (r["name"], key)
+        assert 1 <= r["length_mean"] <= 12
+
+    # The LITI sweep: one load of init and one of merged, the etas interpolated in memory.
+    assert sum(str(p).endswith("bias-9") for p in loads) == 2  # the bias-9 point and liti.merged
+    assert len(loads) == 1 + 3 + 4 + 2
+    # eta = 0 is the init (= SFT) exactly; eta = 1 is the merged weights (= bias-6) exactly, and with
+    # common random numbers it draws the very same samples as the bias-6 checkpoint.
+    assert rows["liti/eta=0"]["kl_mean"] == pytest.approx(0.0, abs=1e-4)
+    assert rows["liti/eta=0"]["reward_mean"] == pytest.approx(rows["sft"]["reward_mean"])
+    for key in ("reward_mean", "kl_mean", "kl_exact_mean", "length_mean", "diversity"):
+        assert rows["liti/eta=1"][key] == pytest.approx(rows["bias-6"][key], rel=1e-4, abs=1e-5)
+    # The hand-made trade-off is visible: more bias, more reward and more KL (by many standard errors).
+    lo, hi = rows["bias-2"], rows["bias-6"]
+    assert hi["reward_mean"] - lo["reward_mean"] > 3 * math.hypot(hi["reward_stderr"], lo["reward_stderr"])
+    assert hi["kl_exact_mean"] - lo["kl_exact_mean"] > 3 * math.hypot(
+        hi["kl_exact_stderr"], lo["kl_exact_stderr"]
+    )
+
+    assert set(doc["fronts"]) == {"sft_anchor", "ema_anchor", "warp_iter1"}
+    assert doc["hypervolume"]["reference_point"]["reward"] == pytest.approx(rows["sft"]["reward_mean"])
+    assert {(m["method_a"], m["method_b"]) for m in doc["matched_kl"]} == {
+        ("sft_anchor", "ema_anchor"),
+        ("sft_anchor", "warp_iter1"),
+        ("ema_anchor", "warp_iter1"),
+    }
+    csv_lines = (out / "frontier.csv").read_text().strip().splitlines()
+    assert len(csv_lines) == 1 + len(rows) and csv_lines[0].startswith("name,method,kind")
+    png = out / "frontier.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    assert not list(out.glob(".frontier-tmp-*"))
+    printed = capsys.readouterr().out
+    assert "front warp_iter1:" in printed and "liti/eta=0.5" in printed

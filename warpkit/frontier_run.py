@@ -1,0 +1,553 @@
+"""`warpkit frontier`: evaluate every policy of a config, then write frontier.json, frontier.csv, frontier.png.
+
+Order of work: every input is checked before the first sample is drawn (folders, safetensors, vocabulary
+and tokenizer against the reference, prompt lengths against every context), so a bad config fails in
+seconds. Then each point is sampled and scored (`warpkit.frontier`), its reward computed and checked,
+and the fronts, hypervolumes and matched-KL comparisons derived (`warpkit.pareto`).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from warpkit.frontier import distinct_n, evaluate_policy, mean_stderr
+from warpkit.frontier_config import FrontierConfig, PolicySpec, expand_trajectory
+from warpkit.pareto import hypervolume, pareto_front, reward_at_matched_kl
+
+__all__ = ["FrontierResult", "check_compatible", "load_reward", "run_frontier", "write_frontier"]
+
+COLUMNS = [
+    "name", "method", "kind", "spec", "step", "eta", "reward_mean", "reward_stderr", "kl_mean", "kl_stderr",
+    "kl_exact_mean", "kl_exact_stderr", "length_mean", "diversity", "distinct_1", "distinct_2",
+    "num_samples", "num_reward_skipped", "params",
+]  # fmt: skip
+
+
+@dataclass
+class FrontierResult:
+    """Rows of frontier.json (``points``) and what is derived from them. KL in nats per completion."""
+
+    points: list[dict[str, Any]]
+    fronts: dict[str, list[str]]
+    hypervolume: dict[str, Any]
+    matched_kl: list[dict[str, Any]]
+    skipped: dict[str, Any]
+    settings: dict[str, Any]
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _check_folder(path: str, what: str, allow_pickle: bool) -> None:
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise ValueError(
+            f"{what} {path!r} is not a model folder (no config.json). Check the path in the config."
+        )
+    if not any(folder.glob("*.safetensors")) and not allow_pickle:
+        found = sorted(p.name for p in folder.glob("*.bin"))
+        raise ValueError(
+            f"{what} {path!r} has no .safetensors weights{f' (found {found})' if found else ''}. Pickled "
+            "checkpoints can run code when loaded: convert them to safetensors, or set allow_pickle: true."
+        )
+
+
+def _load_model(path: str, config: FrontierConfig, device: torch.device) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=getattr(torch, config.dtype),
+        use_safetensors=None if config.allow_pickle else True,
+        trust_remote_code=False,
+    )
+    return model.to(device).eval()
+
+
+def _context(model_config: Any) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(model_config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_compatible(reference_dir: str, reference_tokenizer: Any, path: str, what: str) -> None:
+    """Refuse a policy whose vocabulary size or tokenizer (when its folder has one) differs from the reference.
+
+    KL between two models is only defined over a shared token space: the same ids must mean the same text.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    ref_vocab = AutoConfig.from_pretrained(reference_dir).vocab_size
+    vocab = AutoConfig.from_pretrained(path).vocab_size
+    if vocab != ref_vocab:
+        raise ValueError(
+            f"{what} {path!r} has vocab_size {vocab} but the reference has {ref_vocab}: the KL between them is "
+            "undefined. Evaluate policies fine-tuned from this reference (same tokenizer), or change reference."
+        )
+    folder = Path(path)
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return  # a bare checkpoint: the vocabulary size check above is all we can do
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    a, b = reference_tokenizer.get_vocab(), tokenizer.get_vocab()
+    if a != b:
+        diff = sorted(set(a.items()) ^ set(b.items()), key=lambda kv: kv[1])[:5]
+        raise ValueError(
+            f"{what} {path!r} has a different tokenizer vocabulary from the reference ({len(b)} vs {len(a)} "
+            f"tokens; first differences {diff}). Its token ids do not mean the same text, so the KL is undefined."
+        )
+    for attr in ("eos_token_id", "pad_token_id"):
+        if (
+            getattr(tokenizer, attr) != getattr(reference_tokenizer, attr)
+            and getattr(tokenizer, attr) is not None
+        ):
+            raise ValueError(
+                f"{what} {path!r} has {attr}={getattr(tokenizer, attr)} but the reference has "
+                f"{getattr(reference_tokenizer, attr)}; completions would stop at different tokens."
+            )
+
+
+def _import(spec: str, what: str) -> Any:
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ValueError(f"{what} {spec!r} must be 'package.module:function'.")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"{what} {spec!r} cannot be imported: {e}") from e
+
+
+def load_reward(spec: str, device: torch.device, batch_size: int = 16) -> Callable[..., Any]:
+    """A reward with TRL's signature ``f(prompts=, completions=, completion_ids=) -> list[float]``.
+
+    ``spec`` is ``module:function`` or a folder with an ``AutoModelForSequenceClassification`` (1 label)
+    and its tokenizer; a reward model scores the chat (its template) or prompt + completion text.
+    """
+    if not os.path.isdir(spec):
+        fn = _import(spec, "reward")
+        if not callable(fn):
+            raise TypeError(f"reward {spec!r} is not callable.")
+        return fn
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    _check_folder(spec, "reward model", allow_pickle=False)
+    model = AutoModelForSequenceClassification.from_pretrained(spec, use_safetensors=True).to(device).eval()
+    if model.config.num_labels != 1:
+        raise ValueError(f"reward model {spec!r} has {model.config.num_labels} labels; a reward model has 1.")
+    tokenizer = AutoTokenizer.from_pretrained(spec)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+    @torch.no_grad()
+    def reward_model(prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:
+        texts = []
+        for prompt, completion in zip(prompts, completions, strict=True):
+            if isinstance(prompt, list) and tokenizer.chat_template:
+                texts.append(tokenizer.apply_chat_template(prompt + completion, tokenize=False))
+            elif isinstance(prompt, list):
+                texts.append("".join(m["content"] for m in prompt + completion))
+            else:
+                texts.append(prompt + completion)
+        scores = []
+        for i in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True).to(device)
+            scores += model(**batch).logits[:, 0].float().tolist()
+        return scores
+
+    return reward_model
+
+
+def _load_prompts(config: FrontierConfig) -> list[Any]:
+    spec = config.prompts
+    if isinstance(spec, list):
+        prompts = list(spec)
+    elif spec.endswith(".txt"):
+        prompts = [line for line in Path(spec).read_text().splitlines() if line.strip()]
+    elif spec.endswith(".jsonl"):
+        prompts = [json.loads(line)["prompt"] for line in Path(spec).read_text().splitlines() if line.strip()]
+    else:
+        data = _import(spec, "prompts")(**config.prompts_kwargs)
+        prompts = list(data["prompt"]) if not isinstance(data, list) else data
+    if not prompts:
+        raise ValueError(f"prompts {spec!r} gave no prompt.")
+    return prompts[: config.num_prompts]
+
+
+def _encode(prompt: Any, tokenizer: Any) -> list[int]:
+    if isinstance(prompt, list):  # conversational: the chat template with the generation prompt, as TRL does
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt)["input_ids"]
+
+
+# ----------------------------------------------------------------------------- points
+
+
+@dataclass
+class _Job:
+    name: str
+    method: str
+    kind: str
+    spec: str
+    step: int | None = None
+    eta: float | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def _jobs(config: FrontierConfig, spec: PolicySpec) -> list[tuple[_Job, str | None]]:
+    """(point, folder) pairs of one policy entry; LITI points have no folder (built in memory)."""
+    base = {"method": spec.method, "spec": spec.name, "params": spec.params}
+    if spec.path is not None:
+        return [(_Job(spec.name, kind="path", **base), spec.path)]
+    if spec.trajectory is not None:
+        return [
+            (_Job(f"{spec.name}/step={step}", kind="trajectory", step=step, **base), path)
+            for step, path in expand_trajectory(spec.trajectory)
+        ]
+    assert spec.liti is not None
+    return [(_Job(f"{spec.name}/eta={eta:g}", kind="liti", eta=eta, **base), None) for eta in spec.liti.etas]
+
+
+def _models(
+    config: FrontierConfig, reference: torch.nn.Module, device: torch.device
+) -> Iterator[tuple[_Job, Any]]:
+    """Yield (point, model) in config order; a LITI sweep loads init and merged once and reuses them."""
+    from warpkit.merge import liti
+
+    if config.include_reference:
+        yield _Job("sft", "sft", "reference", "sft"), reference
+    for spec in config.policies:
+        if spec.liti is None:
+            for job, path in _jobs(config, spec):
+                model = _load_model(path, config, device)
+                yield job, model
+                del model
+            continue
+        working = _load_model(spec.liti.init, config, device)
+        init = {k: v.detach().clone() for k, v in working.state_dict().items()}
+        merged_model = _load_model(spec.liti.merged, config, device)
+        merged = {k: v.detach() for k, v in merged_model.state_dict().items()}
+        del merged_model
+        for job, _ in _jobs(config, spec):
+            point = liti(init, merged, job.eta, allow_extrapolation=spec.liti.allow_extrapolation)
+            working.load_state_dict(point, strict=True)
+            yield job, working
+        del working, init, merged
+
+
+def _folders(config: FrontierConfig) -> list[tuple[str, str]]:
+    out = []
+    for spec in config.policies:
+        if spec.liti is not None:
+            out += [
+                (spec.liti.init, f"policy {spec.name!r} (liti.init)"),
+                (spec.liti.merged, f"policy {spec.name!r} (liti.merged)"),
+            ]
+        else:
+            out += [(path, f"policy {spec.name!r}") for _, path in _jobs(config, spec)]
+    return out
+
+
+# ----------------------------------------------------------------------------- rewards
+
+
+def _check_rewards(raw: Any, n: int, point: str, on_nan: str, texts: list[str]) -> list[float]:
+    """Floats, one per completion; None / NaN / inf are errors, or NaN (skipped) when on_nan == 'skip'."""
+    if isinstance(raw, torch.Tensor):
+        raw = raw.detach().float().cpu().tolist()
+    if not hasattr(raw, "__len__") or isinstance(raw, (str, bytes, dict)):
+        raise TypeError(
+            f"the reward returned {type(raw).__name__} for point {point!r}; it must return a list of floats."
+        )
+    if len(raw) != n:
+        raise ValueError(
+            f"the reward returned {len(raw)} values for {n} completions of point {point!r}; "
+            "it must return exactly one float per completion, in order."
+        )
+    values = []
+    for v in raw:
+        if v is None:
+            values.append(math.nan)
+            continue
+        try:
+            values.append(float(v))
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"the reward returned {v!r} for point {point!r}; expected a number.") from e
+    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+    if bad and on_nan == "error":
+        raise ValueError(
+            f"the reward returned {len(bad)} non-finite value(s) (NaN, inf or None) out of {n} for point "
+            f"{point!r}; first: {values[bad[0]]} for completion {texts[bad[0]]!r}. Fix the reward, or set "
+            "on_nan_reward: skip to leave those samples out of the reward mean (they are counted)."
+        )
+    return [v if math.isfinite(v) else math.nan for v in values]
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def run_frontier(config: FrontierConfig, *, progress: bool = True) -> FrontierResult:
+    """Evaluate every point of ``config``; nothing is written (see `write_frontier`)."""
+    from tqdm.auto import tqdm
+    from transformers import AutoConfig, AutoTokenizer
+
+    if config.dtype not in ("float32", "float64", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be float32, float64, bfloat16 or float16, got {config.dtype!r}.")
+    device = _device(config.device)
+    reference_dir = config.reference
+    if reference_dir == "default":
+        from warpkit.default import prepare_default_model
+
+        reference_dir = str(prepare_default_model())
+    _check_folder(reference_dir, "reference", config.allow_pickle)
+    tokenizer = AutoTokenizer.from_pretrained(reference_dir, trust_remote_code=False)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    pad = eos if pad is None else pad
+    if pad is None:
+        raise ValueError(f"the reference tokenizer at {reference_dir!r} has neither a pad nor an EOS token.")
+
+    # Every check before the first sample.
+    folders = _folders(config)
+    for path, what in folders:
+        _check_folder(path, what, config.allow_pickle)
+        check_compatible(reference_dir, tokenizer, path, what)
+    contexts = [
+        c
+        for c in (_context(AutoConfig.from_pretrained(p)) for p in [reference_dir] + [f for f, _ in folders])
+        if c
+    ]
+    context = min(contexts) if contexts else None
+    prompts = _load_prompts(config)
+    encoded = [_encode(p, tokenizer) for p in prompts]
+    too_long = [
+        (i, len(e)) for i, e in enumerate(encoded) if context and len(e) + config.max_new_tokens > context
+    ]
+    if too_long and config.on_long_prompt == "error":
+        raise ValueError(
+            f"{len(too_long)} prompt(s) do not fit the context of {context} tokens with max_new_tokens="
+            f"{config.max_new_tokens} (prompt index, length): {too_long[:5]}. Shorten them, lower max_new_tokens, "
+            "or set on_long_prompt: skip to leave them out (they are reported)."
+        )
+    if too_long:
+        print(
+            f"warpkit frontier: skipping {len(too_long)} prompt(s) longer than the context: {too_long[:5]}",
+            file=sys.stderr,
+        )
+    long_ids = {i for i, _ in too_long}
+    kept = [i for i in range(len(prompts)) if i not in long_ids]
+    if not kept:
+        raise ValueError(
+            f"every prompt is longer than the context ({context} tokens) allows; nothing to evaluate."
+        )
+    prompts, encoded = [prompts[i] for i in kept], [encoded[i] for i in kept]
+    reward_fn = load_reward(config.reward, device, config.batch_size)
+    reference = _load_model(reference_dir, config, device)
+
+    num_points = int(config.include_reference) + sum(len(_jobs(config, s)) for s in config.policies)
+    rows, samples = [], []
+    bar = tqdm(
+        total=num_points * len(encoded) * config.samples_per_prompt,
+        desc="frontier",
+        unit="seq",
+        disable=not progress,
+    )
+    for job, model in _models(config, reference, device):
+        bar.set_postfix_str(job.name)
+        s = evaluate_policy(
+            model,
+            reference,
+            encoded,
+            samples_per_prompt=config.samples_per_prompt,
+            max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            progress=bar.update,
+        )
+        texts = tokenizer.batch_decode(s.completions, skip_special_tokens=True)
+        row_prompts = [prompts[i] for i in s.prompt_index]
+        conversational = isinstance(row_prompts[0], list)
+        completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+        raw = reward_fn(prompts=row_prompts, completions=completions, completion_ids=s.completions)
+        s.rewards = _check_rewards(raw, len(texts), job.name, config.on_nan_reward, texts)
+        rows.append(_row(job, s, eos))
+        for r in range(min(2, len(texts))):
+            samples.append(
+                {
+                    "point": job.name,
+                    "prompt": row_prompts[r],
+                    "completion": texts[r],
+                    "reward": s.rewards[r],
+                    "kl": s.kl[r],
+                }
+            )
+    bar.close()
+    return _summarise(config, rows, samples, reference_dir, device, context, too_long, len(kept))
+
+
+def _row(job: _Job, s: Any, eos: int | None) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "name": job.name,
+        "method": job.method,
+        "kind": job.kind,
+        "spec": job.spec,
+        "step": job.step,
+        "eta": job.eta,
+    }
+    for key, values in (("reward", s.rewards), ("kl", s.kl), ("kl_exact", s.kl_exact)):
+        row[f"{key}_mean"], row[f"{key}_stderr"] = mean_stderr(values, s.prompt_index)
+    row["length_mean"] = sum(s.length) / len(s.length)
+    row["distinct_1"] = distinct_n(s.completions, 1, eos)
+    row["distinct_2"] = distinct_n(s.completions, 2, eos)
+    row["diversity"] = row["distinct_2"]
+    row["num_samples"] = len(s.length)
+    row["num_reward_skipped"] = sum(math.isnan(r) for r in s.rewards)
+    row["params"] = job.params
+    return row
+
+
+def _summarise(
+    config, rows, samples, reference_dir, device, context, too_long, num_prompts
+) -> FrontierResult:
+    kl_key = f"{config.front_kl}_mean"
+    ok = [r for r in rows if math.isfinite(r[kl_key]) and math.isfinite(r["reward_mean"])]
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "sft"]
+    fronts = {}
+    for m in methods:
+        pts = [r for r in ok if r["method"] == m]
+        fronts[m] = [
+            pts[i]["name"] for i in pareto_front([p[kl_key] for p in pts], [p["reward_mean"] for p in pts])
+        ]
+    if config.hypervolume_reference is not None:
+        ref_kl, ref_reward = config.hypervolume_reference
+        how = "from the config"
+    else:
+        sft = [r for r in ok if r["method"] == "sft"]
+        ref_kl = 1.1 * max([r[kl_key] for r in ok] + [0.0]) or 1.0
+        ref_reward = sft[0]["reward_mean"] if sft else min((r["reward_mean"] for r in ok), default=0.0)
+        how = "default: KL = 1.1 x the largest KL of all points, reward = " + (
+            "the SFT reference's reward" if sft else "the lowest reward"
+        )
+    hv = {
+        "reference_point": {"kl": ref_kl, "reward": ref_reward, "how": how, "kl_estimator": config.front_kl},
+        "by_method": {
+            m: hypervolume(
+                [r[kl_key] for r in ok if r["method"] == m],
+                [r["reward_mean"] for r in ok if r["method"] == m],
+                ref_kl,
+                ref_reward,
+            )
+            for m in methods
+        },
+    }
+    pairs = (
+        config.compare
+        if config.compare is not None
+        else [[a, b] for i, a in enumerate(methods) for b in methods[i + 1 :]]
+    )
+    matched = []
+    for a, b in pairs:
+        pa = [(r[kl_key], r["reward_mean"]) for r in ok if r["method"] == a]
+        pb = [(r[kl_key], r["reward_mean"]) for r in ok if r["method"] == b]
+        if pa and pb:
+            matched.append(asdict(reward_at_matched_kl(a, pa, b, pb)))
+    settings = asdict(config) | {
+        "reference_resolved": reference_dir,
+        "device": str(device),
+        "context": context,
+        "num_prompts_used": num_prompts,
+    }
+    skipped = {
+        "prompts_too_long": [{"index": i, "length": n} for i, n in too_long],
+        "rewards": {r["name"]: r["num_reward_skipped"] for r in rows if r["num_reward_skipped"]},
+    }
+    return FrontierResult(rows, fronts, hv, matched, skipped, settings, samples)
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def write_frontier(result: FrontierResult, output_dir: str | Path, *, plot: bool = True) -> Path:
+    """Write frontier.json, frontier.csv, samples.jsonl (and frontier.png) into ``output_dir``.
+
+    Each file is written in a temporary folder first and moved into place, so an interrupted run never
+    leaves a truncated file that looks complete.
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".frontier-tmp-", dir=out))
+    try:
+        doc = {
+            "points": result.points,
+            "fronts": result.fronts,
+            "hypervolume": result.hypervolume,
+            "matched_kl": result.matched_kl,
+            "skipped": result.skipped,
+            "settings": result.settings,
+        }
+        (tmp / "frontier.json").write_text(json.dumps(doc, indent=2, default=str, allow_nan=True))
+        with open(tmp / "frontier.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            for row in result.points:
+                writer.writerow({k: json.dumps(row[k]) if k == "params" else row[k] for k in COLUMNS})
+        with open(tmp / "samples.jsonl", "w") as f:
+            for sample in result.samples:
+                f.write(json.dumps(sample) + "\n")
+        if plot:
+            _plot(result, tmp / "frontier.png")
+        for p in tmp.iterdir():
+            os.replace(p, out / p.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _plot(result: FrontierResult, path: Path) -> None:
+    from warpkit.plot import plot_frontier
+
+    s = result.settings
+    estimator = "per-position exact KL" if s["front_kl"] == "kl_exact" else "Monte Carlo log-ratio"
+    reward = Path(s["reward"]).name if os.path.isdir(s["reward"]) else s["reward"].rpartition(":")[2]
+    hv = result.hypervolume
+    plot_frontier(
+        result.points,
+        path,
+        kl_key=f"{s['front_kl']}_mean",
+        fronts=result.fronts,
+        hypervolume=hv["by_method"],
+        hypervolume_reference=(hv["reference_point"]["kl"], hv["reference_point"]["reward"]),
+        method_labels=s["method_labels"],
+        title=s["title"] or "Reward-KL frontier",
+        subtitle=(
+            f"{s['num_prompts_used']} held-out prompts x {s['samples_per_prompt']} samples, temperature {s['temperature']:g}, "
+            f"<= {s['max_new_tokens']} new tokens; error bars: 1 s.e."
+        ),
+        xlabel=f"KL(policy || SFT) per completion, nats ({estimator}, T = {s['temperature']:g})",
+        ylabel=f"reward: {reward} (mean ± s.e.)",
+        xscale=s["plot_xscale"],
+    )
