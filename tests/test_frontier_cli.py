@@ -7,6 +7,7 @@ the KL to the SFT and the VADER reward both grow with ``b`` -- a real trade-off 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -14,41 +15,32 @@ from pathlib import Path
 import pytest
 import torch
 
-from warpkit.testing import save_tiny_model
+from warpkit.testing import make_tiny_model, make_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 POSITIVE = [1049, 922, 1842, 7932, 1266, 3772, 6275, 4998, 4950, 2818]  # " great", " good", " love", ...
 
 
-def _save(model, tokenizer, folder: Path) -> None:
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-
-
 def build_tiny_frontier_models(root: Path) -> Path:
     """sft, bias-2/4/6 (logit bias on POSITIVE), noisy/checkpoint-{100..400} (bias + growing weight noise)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    sft = save_tiny_model(
-        root / "sft", "gpt2", tie_word_embeddings=False, hidden_size=32, num_layers=2, seed=0
-    )
-    tokenizer = AutoTokenizer.from_pretrained(sft)
-    base = AutoModelForCausalLM.from_pretrained(sft)
+    tokenizer = make_tiny_tokenizer(root / "tokenizer")
+    base = make_tiny_model("gpt2", tie_word_embeddings=False, hidden_size=32, num_layers=2, seed=0)
     with torch.no_grad():
         base.transformer.ln_f.weight[0] = 0.0
         base.transformer.ln_f.bias[0] = 1.0
         base.lm_head.weight[:, 0] = 0.0
-    _save(base, tokenizer, sft)
 
     def variant(folder: Path, bias: float, noise: float = 0.0) -> None:
-        model = AutoModelForCausalLM.from_pretrained(sft)
+        model = copy.deepcopy(base)
         with torch.no_grad():
             model.lm_head.weight[POSITIVE, 0] = bias
             g = torch.Generator().manual_seed(7)
             for p in model.transformer.h.parameters():
                 p.add_(noise * torch.randn(p.shape, generator=g))
-        _save(model, tokenizer, folder)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
 
+    variant(root / "sft", 0.0)
     for b in (2, 4, 6):
         variant(root / f"bias-{b}", b)
     for step, (b, noise) in zip(
@@ -82,7 +74,7 @@ def test_frontier_tiny_config_end_to_end(tiny_frontier_root, tmp_path, monkeypat
     expected += [f"liti/eta={e:g}" for e in (0.0, 0.3, 0.5, 0.8, 1.0)]
     assert list(rows) == expected
     for r in rows.values():
-        assert r["num_samples"] == 8 * 4
+        assert r["num_samples"] == 8 * 2
         for key in (
             "reward_mean",
             "reward_stderr",
@@ -93,10 +85,10 @@ def test_frontier_tiny_config_end_to_end(tiny_frontier_root, tmp_path, monkeypat
             "diversity",
         ):
             assert math.isfinite(r[key]), (r["name"], key)
-        assert 1 <= r["length_mean"] <= 12
+        assert 1 <= r["length_mean"] <= 10
 
     # The LITI sweep: one load of init and one of merged, the etas interpolated in memory.
-    assert sum(str(p).endswith("bias-9") for p in loads) == 2  # the bias-9 point and liti.merged
+    assert sum(str(p).endswith("bias-6") for p in loads) == 2  # the bias-6 point and liti.merged
     assert len(loads) == 1 + 3 + 4 + 2
     # eta = 0 is the init (= SFT) exactly; eta = 1 is the merged weights (= bias-6) exactly, and with
     # common random numbers it draws the very same samples as the bias-6 checkpoint.
