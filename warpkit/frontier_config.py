@@ -9,7 +9,8 @@ grouped by method. A policy entry is one of three kinds:
 - ``liti``: a LITI sweep ``theta_eta = (1 - eta) * init + eta * merged`` over ``etas`` (one point per eta,
   interpolated in memory from tensors loaded once).
 
-Paths expand ``$VARS`` and ``~`` and are relative to the current directory.
+Paths expand ``$VARS`` and ``~`` and are relative to the current directory; the folder name ``default``
+(reference, path, liti.init) means the embedded SmolLM2-135M-Instruct (`warpkit.default`).
 """
 
 from __future__ import annotations

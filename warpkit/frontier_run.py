@@ -308,6 +308,22 @@ def _check_rewards(raw: Any, n: int, point: str, on_nan: str, texts: list[str]) 
 # ----------------------------------------------------------------------------- run
 
 
+def _resolve_default(config: FrontierConfig) -> None:
+    """Replace the folder name ``default`` (reference, liti.init, path) by the embedded default model."""
+    folders = [config.reference] + [p.path or "" for p in config.policies]
+    folders += [p.liti.init for p in config.policies if p.liti is not None]
+    if "default" not in folders:
+        return
+    from warpkit.default import prepare_default_model
+
+    path = str(prepare_default_model())
+    config.reference = path if config.reference == "default" else config.reference
+    for p in config.policies:
+        p.path = path if p.path == "default" else p.path
+        if p.liti is not None and p.liti.init == "default":
+            p.liti.init = path
+
+
 def run_frontier(config: FrontierConfig, *, progress: bool = True) -> FrontierResult:
     """Evaluate every point of ``config``; nothing is written (see `write_frontier`)."""
     from tqdm.auto import tqdm
@@ -316,11 +332,8 @@ def run_frontier(config: FrontierConfig, *, progress: bool = True) -> FrontierRe
     if config.dtype not in ("float32", "float64", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, float64, bfloat16 or float16, got {config.dtype!r}.")
     device = _device(config.device)
+    _resolve_default(config)
     reference_dir = config.reference
-    if reference_dir == "default":
-        from warpkit.default import prepare_default_model
-
-        reference_dir = str(prepare_default_model())
     _check_folder(reference_dir, "reference", config.allow_pickle)
     tokenizer = AutoTokenizer.from_pretrained(reference_dir, trust_remote_code=False)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
