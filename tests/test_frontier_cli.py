@@ -61,9 +61,9 @@ def test_frontier_tiny_config_end_to_end(tiny_frontier_root, tmp_path, monkeypat
 
     monkeypatch.setenv("WARPKIT_TINY", str(tiny_frontier_root))
     loads = []
-    real_load = frontier_run._load_model
+    real_load = frontier_run.load_model
     monkeypatch.setattr(
-        frontier_run, "_load_model", lambda path, *a: loads.append(path) or real_load(path, *a)
+        frontier_run, "load_model", lambda path, *a: loads.append(path) or real_load(path, *a)
     )
     out = tmp_path / "out"
     assert main(["frontier", str(REPO / "configs" / "frontier_tiny.yaml"), "--output_dir", str(out)]) == 0

@@ -66,6 +66,11 @@ def test_unknown_and_badly_typed_config_fields_are_refused(tmp_path):
     )
     with pytest.raises(ValueError, match="exactly one of path, trajectory, liti"):
         load_frontier_config(path)
+    path.write_text(
+        "reference: x\npolicies:\n  - {name: a, method: m, liti: {init: i, merged: j, etas: [0.5, 1.5]}}\n"
+    )
+    with pytest.raises(ValueError, match=r"liti.etas \[1.5\] are outside \[0, 1\].*allow_extrapolation"):
+        load_frontier_config(path)
     path.write_text("reference: x\ntemperature: 0\n")
     with pytest.raises(ValueError, match="temperature must be > 0"):
         load_frontier_config(path)
@@ -163,7 +168,7 @@ def test_reward_model_folder(sft, tmp_path):
     """A folder with a 1-label sequence classifier is a reward: scores equal a direct forward pass."""
     from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
 
-    from warpkit.frontier_run import load_reward
+    from warpkit.frontier_inputs import load_reward
 
     torch.manual_seed(0)
     rm = GPT2ForSequenceClassification(

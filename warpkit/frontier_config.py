@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import math
 import os
 import re
 import types
@@ -156,6 +157,19 @@ class FrontierConfig:
                 raise ValueError(
                     f"policy {p.name!r} must set exactly one of path, trajectory, liti; it sets {kinds or 'none'}."
                 )
+            if p.liti is not None:
+                if not p.liti.etas:
+                    raise ValueError(f"policy {p.name!r}: liti.etas is empty; give at least one eta.")
+                bad = [
+                    e
+                    for e in p.liti.etas
+                    if not math.isfinite(e) or e < 0 or (e > 1 and not p.liti.allow_extrapolation)
+                ]
+                if bad:
+                    raise ValueError(
+                        f"policy {p.name!r}: liti.etas {bad} are outside [0, 1]. eta > 1 extrapolates past the "
+                        "merge (as in ExPO): set liti.allow_extrapolation: true if that is what you want."
+                    )
         methods = {p.method for p in self.policies} | {"sft"}
         for pair in self.compare or []:
             if len(pair) != 2 or not set(pair) <= methods:

@@ -9,14 +9,13 @@ and the fronts, hypervolumes and matched-KL comparisons derived (`warpkit.pareto
 from __future__ import annotations
 
 import csv
-import importlib
 import json
 import math
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,9 +24,20 @@ import torch
 
 from warpkit.frontier import distinct_n, evaluate_policy, mean_stderr
 from warpkit.frontier_config import FrontierConfig, PolicySpec, expand_trajectory
+from warpkit.frontier_inputs import (
+    check_compatible,
+    check_folder,
+    check_rewards,
+    context_length,
+    encode_prompt,
+    load_model,
+    load_prompts,
+    load_reward,
+    resolve_device,
+)
 from warpkit.pareto import hypervolume, pareto_front, reward_at_matched_kl
 
-__all__ = ["FrontierResult", "check_compatible", "load_reward", "run_frontier", "write_frontier"]
+__all__ = ["FrontierResult", "run_frontier", "write_frontier"]
 
 COLUMNS = [
     "name", "method", "kind", "spec", "step", "eta", "reward_mean", "reward_stderr", "kl_mean", "kl_stderr",
@@ -47,159 +57,6 @@ class FrontierResult:
     skipped: dict[str, Any]
     settings: dict[str, Any]
     samples: list[dict[str, Any]] = field(default_factory=list)
-
-
-# ----------------------------------------------------------------------------- loading
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _check_folder(path: str, what: str, allow_pickle: bool) -> None:
-    folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise ValueError(
-            f"{what} {path!r} is not a model folder (no config.json). Check the path in the config."
-        )
-    if not any(folder.glob("*.safetensors")) and not allow_pickle:
-        found = sorted(p.name for p in folder.glob("*.bin"))
-        raise ValueError(
-            f"{what} {path!r} has no .safetensors weights{f' (found {found})' if found else ''}. Pickled "
-            "checkpoints can run code when loaded: convert them to safetensors, or set allow_pickle: true."
-        )
-
-
-def _load_model(path: str, config: FrontierConfig, device: torch.device) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        dtype=getattr(torch, config.dtype),
-        use_safetensors=None if config.allow_pickle else True,
-        trust_remote_code=False,
-    )
-    return model.to(device).eval()
-
-
-def _context(model_config: Any) -> int | None:
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(model_config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def check_compatible(reference_dir: str, reference_tokenizer: Any, path: str, what: str) -> None:
-    """Refuse a policy whose vocabulary size or tokenizer (when its folder has one) differs from the reference.
-
-    KL between two models is only defined over a shared token space: the same ids must mean the same text.
-    """
-    from transformers import AutoConfig, AutoTokenizer
-
-    ref_vocab = AutoConfig.from_pretrained(reference_dir).vocab_size
-    vocab = AutoConfig.from_pretrained(path).vocab_size
-    if vocab != ref_vocab:
-        raise ValueError(
-            f"{what} {path!r} has vocab_size {vocab} but the reference has {ref_vocab}: the KL between them is "
-            "undefined. Evaluate policies fine-tuned from this reference (same tokenizer), or change reference."
-        )
-    folder = Path(path)
-    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
-        return  # a bare checkpoint: the vocabulary size check above is all we can do
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    a, b = reference_tokenizer.get_vocab(), tokenizer.get_vocab()
-    if a != b:
-        diff = sorted(set(a.items()) ^ set(b.items()), key=lambda kv: kv[1])[:5]
-        raise ValueError(
-            f"{what} {path!r} has a different tokenizer vocabulary from the reference ({len(b)} vs {len(a)} "
-            f"tokens; first differences {diff}). Its token ids do not mean the same text, so the KL is undefined."
-        )
-    for attr in ("eos_token_id", "pad_token_id"):
-        if (
-            getattr(tokenizer, attr) != getattr(reference_tokenizer, attr)
-            and getattr(tokenizer, attr) is not None
-        ):
-            raise ValueError(
-                f"{what} {path!r} has {attr}={getattr(tokenizer, attr)} but the reference has "
-                f"{getattr(reference_tokenizer, attr)}; completions would stop at different tokens."
-            )
-
-
-def _import(spec: str, what: str) -> Any:
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise ValueError(f"{what} {spec!r} must be 'package.module:function'.")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"{what} {spec!r} cannot be imported: {e}") from e
-
-
-def load_reward(spec: str, device: torch.device, batch_size: int = 16) -> Callable[..., Any]:
-    """A reward with TRL's signature ``f(prompts=, completions=, completion_ids=) -> list[float]``.
-
-    ``spec`` is ``module:function`` or a folder with an ``AutoModelForSequenceClassification`` (1 label)
-    and its tokenizer; a reward model scores the chat (its template) or prompt + completion text.
-    """
-    if not os.path.isdir(spec):
-        fn = _import(spec, "reward")
-        if not callable(fn):
-            raise TypeError(f"reward {spec!r} is not callable.")
-        return fn
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    _check_folder(spec, "reward model", allow_pickle=False)
-    model = AutoModelForSequenceClassification.from_pretrained(spec, use_safetensors=True).to(device).eval()
-    if model.config.num_labels != 1:
-        raise ValueError(f"reward model {spec!r} has {model.config.num_labels} labels; a reward model has 1.")
-    tokenizer = AutoTokenizer.from_pretrained(spec)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.config.pad_token_id = tokenizer.pad_token_id
-
-    @torch.no_grad()
-    def reward_model(prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:
-        texts = []
-        for prompt, completion in zip(prompts, completions, strict=True):
-            if isinstance(prompt, list) and tokenizer.chat_template:
-                texts.append(tokenizer.apply_chat_template(prompt + completion, tokenize=False))
-            elif isinstance(prompt, list):
-                texts.append("".join(m["content"] for m in prompt + completion))
-            else:
-                texts.append(prompt + completion)
-        scores = []
-        for i in range(0, len(texts), batch_size):
-            batch = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True).to(device)
-            scores += model(**batch).logits[:, 0].float().tolist()
-        return scores
-
-    return reward_model
-
-
-def _load_prompts(config: FrontierConfig) -> list[Any]:
-    spec = config.prompts
-    if isinstance(spec, list):
-        prompts = list(spec)
-    elif spec.endswith(".txt"):
-        prompts = [line for line in Path(spec).read_text().splitlines() if line.strip()]
-    elif spec.endswith(".jsonl"):
-        prompts = [json.loads(line)["prompt"] for line in Path(spec).read_text().splitlines() if line.strip()]
-    else:
-        data = _import(spec, "prompts")(**config.prompts_kwargs)
-        prompts = list(data["prompt"]) if not isinstance(data, list) else data
-    if not prompts:
-        raise ValueError(f"prompts {spec!r} gave no prompt.")
-    return prompts[: config.num_prompts]
-
-
-def _encode(prompt: Any, tokenizer: Any) -> list[int]:
-    if isinstance(prompt, list):  # conversational: the chat template with the generation prompt, as TRL does
-        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    return tokenizer(prompt)["input_ids"]
 
 
 # ----------------------------------------------------------------------------- points
@@ -241,13 +98,13 @@ def _models(
     for spec in config.policies:
         if spec.liti is None:
             for job, path in _jobs(config, spec):
-                model = _load_model(path, config, device)
+                model = load_model(path, config, device)
                 yield job, model
                 del model
             continue
-        working = _load_model(spec.liti.init, config, device)
+        working = load_model(spec.liti.init, config, device)
         init = {k: v.detach().clone() for k, v in working.state_dict().items()}
-        merged_model = _load_model(spec.liti.merged, config, device)
+        merged_model = load_model(spec.liti.merged, config, device)
         merged = {k: v.detach() for k, v in merged_model.state_dict().items()}
         del merged_model
         for job, _ in _jobs(config, spec):
@@ -268,41 +125,6 @@ def _folders(config: FrontierConfig) -> list[tuple[str, str]]:
         else:
             out += [(path, f"policy {spec.name!r}") for _, path in _jobs(config, spec)]
     return out
-
-
-# ----------------------------------------------------------------------------- rewards
-
-
-def _check_rewards(raw: Any, n: int, point: str, on_nan: str, texts: list[str]) -> list[float]:
-    """Floats, one per completion; None / NaN / inf are errors, or NaN (skipped) when on_nan == 'skip'."""
-    if isinstance(raw, torch.Tensor):
-        raw = raw.detach().float().cpu().tolist()
-    if not hasattr(raw, "__len__") or isinstance(raw, (str, bytes, dict)):
-        raise TypeError(
-            f"the reward returned {type(raw).__name__} for point {point!r}; it must return a list of floats."
-        )
-    if len(raw) != n:
-        raise ValueError(
-            f"the reward returned {len(raw)} values for {n} completions of point {point!r}; "
-            "it must return exactly one float per completion, in order."
-        )
-    values = []
-    for v in raw:
-        if v is None:
-            values.append(math.nan)
-            continue
-        try:
-            values.append(float(v))
-        except (TypeError, ValueError) as e:
-            raise TypeError(f"the reward returned {v!r} for point {point!r}; expected a number.") from e
-    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
-    if bad and on_nan == "error":
-        raise ValueError(
-            f"the reward returned {len(bad)} non-finite value(s) (NaN, inf or None) out of {n} for point "
-            f"{point!r}; first: {values[bad[0]]} for completion {texts[bad[0]]!r}. Fix the reward, or set "
-            "on_nan_reward: skip to leave those samples out of the reward mean (they are counted)."
-        )
-    return [v if math.isfinite(v) else math.nan for v in values]
 
 
 # ----------------------------------------------------------------------------- run
@@ -331,10 +153,10 @@ def run_frontier(config: FrontierConfig, *, progress: bool = True) -> FrontierRe
 
     if config.dtype not in ("float32", "float64", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, float64, bfloat16 or float16, got {config.dtype!r}.")
-    device = _device(config.device)
+    device = resolve_device(config.device)
     _resolve_default(config)
     reference_dir = config.reference
-    _check_folder(reference_dir, "reference", config.allow_pickle)
+    check_folder(reference_dir, "reference", config.allow_pickle)
     tokenizer = AutoTokenizer.from_pretrained(reference_dir, trust_remote_code=False)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     pad = eos if pad is None else pad
@@ -344,16 +166,18 @@ def run_frontier(config: FrontierConfig, *, progress: bool = True) -> FrontierRe
     # Every check before the first sample.
     folders = _folders(config)
     for path, what in folders:
-        _check_folder(path, what, config.allow_pickle)
+        check_folder(path, what, config.allow_pickle)
         check_compatible(reference_dir, tokenizer, path, what)
     contexts = [
         c
-        for c in (_context(AutoConfig.from_pretrained(p)) for p in [reference_dir] + [f for f, _ in folders])
+        for c in (
+            context_length(AutoConfig.from_pretrained(p)) for p in [reference_dir] + [f for f, _ in folders]
+        )
         if c
     ]
     context = min(contexts) if contexts else None
-    prompts = _load_prompts(config)
-    encoded = [_encode(p, tokenizer) for p in prompts]
+    prompts = load_prompts(config)
+    encoded = [encode_prompt(p, tokenizer) for p in prompts]
     too_long = [
         (i, len(e)) for i, e in enumerate(encoded) if context and len(e) + config.max_new_tokens > context
     ]
@@ -376,7 +200,7 @@ def run_frontier(config: FrontierConfig, *, progress: bool = True) -> FrontierRe
         )
     prompts, encoded = [prompts[i] for i in kept], [encoded[i] for i in kept]
     reward_fn = load_reward(config.reward, device, config.batch_size)
-    reference = _load_model(reference_dir, config, device)
+    reference = load_model(reference_dir, config, device)
 
     num_points = int(config.include_reference) + sum(len(_jobs(config, s)) for s in config.policies)
     rows, samples = [], []
@@ -406,7 +230,7 @@ def run_frontier(config: FrontierConfig, *, progress: bool = True) -> FrontierRe
         conversational = isinstance(row_prompts[0], list)
         completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
         raw = reward_fn(prompts=row_prompts, completions=completions, completion_ids=s.completions)
-        s.rewards = _check_rewards(raw, len(texts), job.name, config.on_nan_reward, texts)
+        s.rewards = check_rewards(raw, len(texts), job.name, config.on_nan_reward, texts)
         rows.append(_row(job, s, eos))
         for r in range(min(2, len(texts))):
             samples.append(
