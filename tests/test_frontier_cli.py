@@ -8,6 +8,7 @@ the KL to the SFT and the VADER reward both grow with ``b`` -- a real trade-off 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 from pathlib import Path
@@ -104,6 +105,11 @@ def test_frontier_tiny_config_end_to_end(tiny_frontier_root, tmp_path, monkeypat
     )
 
     assert set(doc["fronts"]) == {"sft_anchor", "ema_anchor", "warp_iter1"}
+    # Every front is non-dominated within its method: along it, KL and reward both increase.
+    for names in doc["fronts"].values():
+        kls = [rows[n]["kl_exact_mean"] for n in names]
+        rewards = [rows[n]["reward_mean"] for n in names]
+        assert kls == sorted(kls) and all(a < b for a, b in itertools.pairwise(rewards))
     assert doc["hypervolume"]["reference_point"]["reward"] == pytest.approx(rows["sft"]["reward_mean"])
     assert {(m["method_a"], m["method_b"]) for m in doc["matched_kl"]} == {
         ("sft_anchor", "ema_anchor"),

@@ -153,6 +153,7 @@ def test_nan_reward_errors_or_is_skipped_and_counted(sft, reward_module):
     (row,) = result.points
     assert row["num_reward_skipped"] == 1 and result.skipped["rewards"] == {"sft": 1}
     assert math.isfinite(row["reward_mean"])
+    assert result.metrics()["frontier/sft/reward_mean"] == row["reward_mean"]
 
 
 def test_reward_of_the_wrong_length_or_type_is_refused(sft, reward_module):

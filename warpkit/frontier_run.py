@@ -58,6 +58,18 @@ class FrontierResult:
     settings: dict[str, Any]
     samples: list[dict[str, Any]] = field(default_factory=list)
 
+    def metrics(self) -> dict[str, float]:
+        """Flat, namespaced scalars for a Trainer / tracker log: ``frontier/<point>/<field>`` and
+        ``frontier/hypervolume/<method>``, e.g. to log the front after every WARP iteration."""
+        keys = ("reward_mean", "reward_stderr", "kl_mean", "kl_stderr", "kl_exact_mean", "kl_exact_stderr")
+        out = {
+            f"frontier/{p['name']}/{k}": float(p[k])
+            for p in self.points
+            for k in (*keys, "length_mean", "diversity")
+        }
+        out |= {f"frontier/hypervolume/{m}": float(v) for m, v in self.hypervolume["by_method"].items()}
+        return out
+
 
 # ----------------------------------------------------------------------------- points
 
