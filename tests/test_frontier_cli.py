@@ -123,3 +123,9 @@ def test_frontier_tiny_config_end_to_end(tiny_frontier_root, tmp_path, monkeypat
     assert not list(out.glob(".frontier-tmp-*"))
     printed = capsys.readouterr().out
     assert "front warp_iter1:" in printed and "liti/eta=0.5" in printed
+
+
+if __name__ == "__main__":  # python tests/test_frontier_cli.py DIR  builds the models of frontier_tiny.yaml
+    import sys
+
+    print(build_tiny_frontier_models(Path(sys.argv[1])))

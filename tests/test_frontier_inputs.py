@@ -190,3 +190,22 @@ def test_reward_model_folder(sft, tmp_path):
     assert got == pytest.approx(want, abs=1e-5)
     result = run_frontier(_config(sft, [], reward=str(folder)), progress=False)
     assert math.isfinite(result.points[0]["reward_mean"])
+
+
+def test_trajectory_glob_is_in_step_order_not_lexicographic(tmp_path, monkeypatch):
+    from warpkit.frontier_config import expand_trajectory
+
+    for step in (100, 20, 3):
+        (tmp_path / "run" / f"checkpoint-{step}").mkdir(parents=True)
+    monkeypatch.setenv("RUN", str(tmp_path / "run"))
+    got = expand_trajectory("${RUN}/checkpoint-*")
+    assert [s for s, _ in got] == [3, 20, 100]
+    assert got[0][1] == str(tmp_path / "run" / "checkpoint-3")
+    assert expand_trajectory(["b/final", "a/checkpoint-7"]) == [(0, "b/final"), (7, "a/checkpoint-7")]
+    with pytest.raises(ValueError, match="matches no folder"):
+        expand_trajectory(str(tmp_path / "nothing-*"))
+
+
+def test_reference_name_is_reserved():
+    with pytest.raises(ValueError, match="'sft' names the reference point"):
+        FrontierConfig(reference="x", policies=[PolicySpec("sft", "m", path="p")])

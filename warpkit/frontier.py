@@ -241,11 +241,13 @@ def evaluate_policy(
 
 
 def mean_stderr(values: Sequence[float], prompt_index: Sequence[int]) -> tuple[float, float]:
-    """Mean over prompts of the per-prompt means, and its standard error; NaN values are left out.
+    """(mean, standard error) of per-sample values; NaN values (skipped rewards) are left out.
 
-    With n_x >= 2 values for every prompt x: se^2 = sum_x s_x^2 / n_x / P^2 (the prompt set is fixed,
-    only the sampling is random). Otherwise the i.i.d. s / sqrt(n) over all values (conservative).
-    With equal n_x the mean equals the plain mean of all values.
+    With n_x >= 2 values for every prompt x: the mean over the P prompts of the per-prompt means, and
+    se^2 = sum_x s_x^2 / n_x / P^2 (the prompt set is fixed, only the sampling is random). Otherwise (some
+    prompt has a single value, e.g. one sample per prompt): the plain mean of all n values and the i.i.d.
+    s / sqrt(n), which also counts the spread between prompts (conservative). With equal n_x both means
+    are the same number.
     """
     groups: dict[int, list[float]] = {}
     for v, i in zip(values, prompt_index, strict=True):

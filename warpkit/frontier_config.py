@@ -151,6 +151,10 @@ class FrontierConfig:
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"policy names must be unique; repeated: {dup}.")
+        if "sft" in names or "sft" in {p.method for p in self.policies}:
+            raise ValueError(
+                "'sft' names the reference point (name and method); give your policy another name."
+            )
         for p in self.policies:
             kinds = [k for k in ("path", "trajectory", "liti") if getattr(p, k) is not None]
             if len(kinds) != 1:

@@ -85,7 +85,7 @@ class _Job:
     params: dict[str, Any] = field(default_factory=dict)
 
 
-def _jobs(config: FrontierConfig, spec: PolicySpec) -> list[tuple[_Job, str | None]]:
+def _jobs(spec: PolicySpec) -> list[tuple[_Job, str | None]]:
     """(point, folder) pairs of one policy entry; LITI points have no folder (built in memory)."""
     base = {"method": spec.method, "spec": spec.name, "params": spec.params}
     if spec.path is not None:
@@ -109,7 +109,7 @@ def _models(
         yield _Job("sft", "sft", "reference", "sft"), reference
     for spec in config.policies:
         if spec.liti is None:
-            for job, path in _jobs(config, spec):
+            for job, path in _jobs(spec):
                 model = load_model(path, config, device)
                 yield job, model
                 del model
@@ -119,7 +119,7 @@ def _models(
         merged_model = load_model(spec.liti.merged, config, device)
         merged = {k: v.detach() for k, v in merged_model.state_dict().items()}
         del merged_model
-        for job, _ in _jobs(config, spec):
+        for job, _ in _jobs(spec):
             point = liti(init, merged, job.eta, allow_extrapolation=spec.liti.allow_extrapolation)
             working.load_state_dict(point, strict=True)
             yield job, working
@@ -135,7 +135,7 @@ def _folders(config: FrontierConfig) -> list[tuple[str, str]]:
                 (spec.liti.merged, f"policy {spec.name!r} (liti.merged)"),
             ]
         else:
-            out += [(path, f"policy {spec.name!r}") for _, path in _jobs(config, spec)]
+            out += [(path, f"policy {spec.name!r}") for _, path in _jobs(spec)]
     return out
 
 
@@ -214,7 +214,7 @@ def run_frontier(config: FrontierConfig, *, progress: bool = True) -> FrontierRe
     reward_fn = load_reward(config.reward, device, config.batch_size)
     reference = load_model(reference_dir, config, device)
 
-    num_points = int(config.include_reference) + sum(len(_jobs(config, s)) for s in config.policies)
+    num_points = int(config.include_reference) + sum(len(_jobs(s)) for s in config.policies)
     rows, samples = [], []
     bar = tqdm(
         total=num_points * len(encoded) * config.samples_per_prompt,
