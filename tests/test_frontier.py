@@ -8,6 +8,7 @@ the estimator's KV-cache sampling, left padding and batched teacher forcing.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -19,9 +20,24 @@ VOCAB, EOS, PAD, MAX_NEW = 7, 6, 0, 3
 PROMPTS = [[1, 2, 3], [4], [2, 5, 1, 3, 4]]  # different lengths: the batches are left padded
 
 
-def _tiny(seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _tiny(seed: int, arch: str = "llama"):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+    if arch == "gpt2":  # learned absolute positions: wrong position ids under left padding would show
+        config = GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=16,
+            n_layer=2,
+            n_head=2,
+            n_positions=32,
+            initializer_range=0.6,
+            tie_word_embeddings=False,
+            eos_token_id=EOS,
+            pad_token_id=PAD,
+            bos_token_id=1,
+        )
+        torch.manual_seed(seed)
+        return GPT2LMHeadModel(config).eval()
     config = LlamaConfig(
         vocab_size=VOCAB,
         hidden_size=16,
@@ -40,10 +56,10 @@ def _tiny(seed: int):
     return LlamaForCausalLM(config).eval()
 
 
-@pytest.fixture(scope="module")
-def models():
-    reference = _tiny(0)
-    policy = _tiny(0)
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def models(request):
+    reference = _tiny(0, request.param)
+    policy = _tiny(0, request.param)
     with torch.no_grad():  # a policy near the reference, as after RL: perturb every weight
         g = torch.Generator().manual_seed(1)
         for p in policy.parameters():
@@ -129,8 +145,7 @@ def test_score_is_batch_and_padding_invariant(models):
 
 def test_policy_equal_to_reference_has_zero_kl(models):
     _, reference = models
-    twin = _tiny(0)
-    twin.load_state_dict(reference.state_dict())
+    twin = copy.deepcopy(reference)
     _, (mc, _), (rb, _) = _estimate(twin, reference, 0.9, k=4)
     assert mc == pytest.approx(0.0, abs=1e-5) and rb == pytest.approx(0.0, abs=1e-5)
 
@@ -138,8 +153,7 @@ def test_policy_equal_to_reference_has_zero_kl(models):
 def test_same_seed_same_samples_for_every_policy(models):
     """Common random numbers: a policy identical to the reference draws exactly the reference's samples."""
     policy, reference = models
-    twin = _tiny(0)
-    twin.load_state_dict(reference.state_dict())
+    twin = copy.deepcopy(reference)
     a, _, _ = _estimate(reference, reference, 0.9, k=3)
     b, _, _ = _estimate(twin, reference, 0.9, k=3)
     c, _, _ = _estimate(policy, reference, 0.9, k=3)

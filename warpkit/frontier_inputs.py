@@ -43,6 +43,11 @@ def resolve_device(name: str) -> torch.device:
 def check_folder(path: str, what: str, allow_pickle: bool) -> None:
     """Refuse a folder without config.json, or with pickled weights only unless ``allow_pickle``."""
     folder = Path(path)
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        raise ValueError(
+            f"{what} {path!r} is a PEFT adapter, not a full model: merge it into its base first "
+            "(`PeftModel.from_pretrained(base, path).merge_and_unload().save_pretrained(out)`) and evaluate out."
+        )
     if not (folder / "config.json").is_file():
         raise ValueError(
             f"{what} {path!r} is not a model folder (no config.json). Check the path in the config."
