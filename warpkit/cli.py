@@ -136,7 +136,15 @@ def _frontier(args: argparse.Namespace) -> int:
         hv = result.hypervolume["by_method"][method]
         print(f"front {method}: {' -> '.join(names)}  (hypervolume {hv:.4g}, KL axis: {key})")
     for m in result.matched_kl:
-        print(f"reward at matched KL, {m['method_a']} - {m['method_b']}: mean gap {m['mean_gap']:+.4f}")
+        if m["kl"]:
+            print(
+                f"reward at matched KL, {m['method_a']} - {m['method_b']}: mean gap {m['mean_gap']:+.4f} "
+                f"over KL [{m['kl'][0]:.3g}, {m['kl'][-1]:.3g}]"
+            )
+        else:
+            print(
+                f"reward at matched KL, {m['method_a']} - {m['method_b']}: their fronts do not overlap in KL"
+            )
     print(
         f"wrote {out}/frontier.json, frontier.csv, samples.jsonl" + ("" if args.no_plot else ", frontier.png")
     )

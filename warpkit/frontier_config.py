@@ -90,7 +90,8 @@ class FrontierConfig:
         seed: sampling seed; every policy sees the same random numbers (common random numbers).
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda``, ``cuda:1``...
         dtype: model weights dtype; log-softmax and KL are always computed in float32.
-        include_reference: also evaluate the reference itself (the KL = 0 point, method ``sft``).
+        include_reference: also evaluate the reference itself (the KL = 0 point, method ``sft``). It then
+            belongs to every method's front: any method can stay at the SFT (eta = 0, no training).
         on_long_prompt: ``error`` or ``skip`` prompts whose length + max_new_tokens exceeds a context.
         on_nan_reward: ``error`` or ``skip`` (drop from the reward mean, counted in the output).
         hypervolume_reference: ``[kl, reward]``; default ``[1.1 * largest KL, reference's reward]``.

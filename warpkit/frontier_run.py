@@ -285,9 +285,15 @@ def _summarise(
     kl_key = f"{config.front_kl}_mean"
     ok = [r for r in rows if math.isfinite(r[kl_key]) and math.isfinite(r["reward_mean"])]
     methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "sft"]
+    sft = [r for r in ok if r["method"] == "sft"]
+
+    def members(m: str) -> list[dict[str, Any]]:
+        # The SFT point belongs to every method: each can stay at KL = 0 (eta = 0, no training step).
+        return [r for r in ok if r["method"] == m] + sft
+
     fronts = {}
     for m in methods:
-        pts = [r for r in ok if r["method"] == m]
+        pts = members(m)
         fronts[m] = [
             pts[i]["name"] for i in pareto_front([p[kl_key] for p in pts], [p["reward_mean"] for p in pts])
         ]
@@ -295,7 +301,6 @@ def _summarise(
         ref_kl, ref_reward = config.hypervolume_reference
         how = "from the config"
     else:
-        sft = [r for r in ok if r["method"] == "sft"]
         ref_kl = 1.1 * max([r[kl_key] for r in ok] + [0.0]) or 1.0
         ref_reward = sft[0]["reward_mean"] if sft else min((r["reward_mean"] for r in ok), default=0.0)
         how = "default: KL = 1.1 x the largest KL of all points, reward = " + (
@@ -305,10 +310,7 @@ def _summarise(
         "reference_point": {"kl": ref_kl, "reward": ref_reward, "how": how, "kl_estimator": config.front_kl},
         "by_method": {
             m: hypervolume(
-                [r[kl_key] for r in ok if r["method"] == m],
-                [r["reward_mean"] for r in ok if r["method"] == m],
-                ref_kl,
-                ref_reward,
+                [r[kl_key] for r in members(m)], [r["reward_mean"] for r in members(m)], ref_kl, ref_reward
             )
             for m in methods
         },
@@ -320,8 +322,8 @@ def _summarise(
     )
     matched = []
     for a, b in pairs:
-        pa = [(r[kl_key], r["reward_mean"]) for r in ok if r["method"] == a]
-        pb = [(r[kl_key], r["reward_mean"]) for r in ok if r["method"] == b]
+        pa = [(r[kl_key], r["reward_mean"]) for r in members(a)]
+        pb = [(r[kl_key], r["reward_mean"]) for r in members(b)]
         if pa and pb:
             matched.append(asdict(reward_at_matched_kl(a, pa, b, pb)))
     settings = asdict(config) | {
