@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import types
 
 import pytest
 import torch
@@ -179,3 +180,46 @@ def test_distinct_n_hand_numbers():
     assert distinct_n([[1, 2, 1, 2, 6], [1, 2, 3]], 2, eos_token_id=6) == pytest.approx(3 / 5)
     assert distinct_n([[1, 2, 3]], 1) == 1.0
     assert math.isnan(distinct_n([[1], [2]], 2))
+
+
+class _Masked(torch.nn.Module):
+    """The wrapped model with token ``token`` forbidden (logit -inf); its forward takes no logits_to_keep."""
+
+    def __init__(self, inner: torch.nn.Module, token: int):
+        super().__init__()
+        self.inner, self.token = inner, token
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
+        out = self.inner(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+        )
+        logits = out.logits.clone()
+        logits[..., self.token] = -math.inf
+        return types.SimpleNamespace(logits=logits, past_key_values=getattr(out, "past_key_values", None))
+
+
+def test_forbidden_token_identity_per_sample(models):
+    """pi = pi_sft with token 5 removed and renormalised. At every position both log pi(y_t) - log pi_sft(y_t)
+    and KL(pi || pi_sft) equal -log(1 - q_5), q_5 = pi_sft(5 | context): so on EVERY sample both estimators
+    equal sum_t -log(1 - q_5(t)) exactly (a -inf logit must not produce NaN)."""
+    _, reference = models
+    policy, temperature = _Masked(reference, 5), 0.8
+    s = evaluate_policy(
+        policy,
+        reference,
+        PROMPTS,
+        samples_per_prompt=4,
+        max_new_tokens=MAX_NEW,
+        temperature=temperature,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+        batch_size=5,  # batches that cut across prompts
+    )
+    assert all(5 not in c for c in s.completions)
+    for i, c, kl, kl_exact in zip(s.prompt_index, s.completions, s.kl, s.kl_exact, strict=True):
+        ids = torch.tensor([PROMPTS[i] + c])
+        with torch.no_grad():
+            q = torch.softmax(reference(input_ids=ids).logits[0].double() / temperature, -1)
+        q5 = q[len(PROMPTS[i]) - 1 : len(PROMPTS[i]) - 1 + len(c), 5]
+        expected = float(-torch.log1p(-q5).sum())
+        assert kl == pytest.approx(expected, abs=1e-4) and kl_exact == pytest.approx(expected, abs=1e-4)

@@ -179,7 +179,9 @@ def score_completions(
         _logits(reference, full_ids, full_mask, full_pos, keep)[:, :-1].float() / temperature, -1
     )
     token_ratio = (logp - logq).gather(-1, comp[..., None]).squeeze(-1)  # [B, L]
-    exact = (logp.exp() * (logp - logq)).sum(-1)  # [B, L], KL of the next-token distributions
+    p = logp.exp()
+    # KL of the next-token distributions, [B, L]; 0 * log 0 = 0 for tokens a model masks with -inf logits.
+    exact = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
     m = comp_mask.to(token_ratio.dtype)
     return (token_ratio * m).sum(-1).tolist(), (exact * m).sum(-1).tolist()
 
