@@ -22,6 +22,15 @@ _LAZY: dict[str, str] = {
     "MergeReport": "warpkit.merge_io",
     "greedy_soup": "warpkit.soups",
     "uniform_soup": "warpkit.soups",
+    "FrontierConfig": "warpkit.frontier_config",
+    "load_frontier_config": "warpkit.frontier_config",
+    "run_frontier": "warpkit.frontier_run",
+    "write_frontier": "warpkit.frontier_run",
+    "evaluate_policy": "warpkit.frontier",
+    "pareto_front": "warpkit.pareto",
+    "hypervolume": "warpkit.pareto",
+    "reward_at_matched_kl": "warpkit.pareto",
+    "plot_frontier": "warpkit.plot",
 }
 
 __all__ = ["__version__", *_LAZY]

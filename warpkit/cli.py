@@ -245,12 +245,63 @@ def _merge(args: argparse.Namespace) -> int:
     ]
     summary = f", mean angle {sum(angles) / len(angles):.1f} deg over {len(angles)} groups" if angles else ""
     print(f"{report.out} ({method}, {report.seconds:.1f} s{summary})")
+
+
+# ----------------------------------------------------------------------------- frontier
+
+
+def _frontier_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "frontier",
+        help="estimate reward and KL(policy || SFT) of policies, their Pareto fronts, and plot them",
+        description="Sample held-out completions from each policy of CONFIG at the training temperature, "
+        "compute reward and the sequence KL to the reference (two estimators), and write frontier.json, "
+        "frontier.csv, samples.jsonl and frontier.png.",
+    )
+    p.add_argument("config", help="YAML file of FrontierConfig fields (see configs/frontier_tiny.yaml)")
+    p.add_argument("--output_dir", "--output-dir", default=None, help="overrides output_dir of the config")
+    p.add_argument("--device", default=None, help="overrides device (auto, cpu, cuda, cuda:1, ...)")
+    p.add_argument("--no-plot", action="store_true", help="skip frontier.png")
+    p.set_defaults(run=_frontier)
+
+
+def _frontier(args: argparse.Namespace) -> int:
+    from warpkit.frontier_config import load_frontier_config
+    from warpkit.frontier_run import run_frontier, write_frontier
+
+    config = load_frontier_config(args.config, output_dir=args.output_dir, device=args.device)
+    result = run_frontier(config)
+    out = write_frontier(result, config.output_dir, plot=not args.no_plot)
+    key = f"{config.front_kl}_mean"
+    print(f"{'point':<28} {'method':<14} {'reward':>16} {'KL (MC)':>16} {'KL (exact/pos)':>16} {'len':>6}")
+    for r in result.points:
+        print(
+            f"{r['name']:<28} {r['method']:<14} {r['reward_mean']:>8.3f} ± {r['reward_stderr']:<5.3f} "
+            f"{r['kl_mean']:>8.3f} ± {r['kl_stderr']:<5.3f} {r['kl_exact_mean']:>8.3f} ± {r['kl_exact_stderr']:<5.3f} "
+            f"{r['length_mean']:>6.1f}"
+        )
+    for method, names in result.fronts.items():
+        hv = result.hypervolume["by_method"][method]
+        print(f"front {method}: {' -> '.join(names)}  (hypervolume {hv:.4g}, KL axis: {key})")
+    for m in result.matched_kl:
+        if m["kl"]:
+            print(
+                f"reward at matched KL, {m['method_a']} - {m['method_b']}: mean gap {m['mean_gap']:+.4f} "
+                f"over KL [{m['kl'][0]:.3g}, {m['kl'][-1]:.3g}]"
+            )
+        else:
+            print(
+                f"reward at matched KL, {m['method_a']} - {m['method_b']}: their fronts do not overlap in KL"
+            )
+    print(
+        f"wrote {out}/frontier.json, frontier.csv, samples.jsonl" + ("" if args.no_plot else ", frontier.png")
+    )
     return 0
 
 
 # ----------------------------------------------------------------------------- main
 
-_PARSERS = [_default_model_parser, _tiny_model_parser, _train_parser, _merge_parser]
+_PARSERS = [_default_model_parser, _tiny_model_parser, _train_parser, _merge_parser, _frontier_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
