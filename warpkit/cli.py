@@ -245,6 +245,7 @@ def _merge(args: argparse.Namespace) -> int:
     ]
     summary = f", mean angle {sum(angles) / len(angles):.1f} deg over {len(angles)} groups" if angles else ""
     print(f"{report.out} ({method}, {report.seconds:.1f} s{summary})")
+    return 0
 
 
 # ----------------------------------------------------------------------------- frontier
