@@ -43,7 +43,7 @@ def test_ema_update_matches_float64(path, monkeypatch):
 
     Mixed pairs are fp32 state + bf16 policy, written to bf16 `out`: out must be the state rounded once.
     """
-    import warpkit.anchor as anchor_mod
+    import warpkit.anchor.ema as anchor_mod
 
     if path == "accelerator-bucketed":  # the accelerator code path, exercised on CPU with small buckets
         monkeypatch.setattr(anchor_mod, "_mixed_chunked_", anchor_mod._mixed_bucketed_)

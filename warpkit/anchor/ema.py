@@ -1,0 +1,104 @@
+"""The EMA update itself, pure torch over lists of tensors: anchor <- (1 - mu) * anchor + mu * policy.
+
+No model, trainer or distributed code here: the layouts in `warpkit.anchor.layouts` decide which tensors
+are averaged, and the callback decides when.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["ema_update_", "squared_distance_and_norm"]
+
+
+def ema_update_(
+    anchor: list[Tensor], policy: list[Tensor], ema_rate: float, *, out: list[Tensor] | None = None
+) -> None:
+    """In place: anchor_i <- (1 - mu) * anchor_i + mu * policy_i (mu = `ema_rate`), then out_i <- anchor_i.
+
+    `anchor` is the EMA state (fp32 when the model is bf16/fp16: the fp32 shadow), `out` the tensors the
+    reference forward reads (cast on copy; skipped where `out_i is anchor_i`). Shapes must match pairwise.
+
+    - Same-dtype pairs: one `torch._foreach_lerp_`, which reads anchor and policy once and writes anchor once,
+      the memory-bandwidth floor (TRL's `mul_` + `add_` passes over the anchor twice).
+    - Mixed pairs (fp32 shadow, bf16 policy): lerp wants equal dtypes and mixed-dtype foreach ops take a slow,
+      unvectorised path, so the policy is converted into a small fp32 scratch, chunk by chunk, and each chunk is
+      averaged and written back while it is still in cache (CPU); on accelerators, where launches cost more
+      than passes, whole buckets of tensors go through three foreach calls instead.
+    """
+    if len(anchor) != len(policy) or (out is not None and len(out) != len(anchor)):
+        raise ValueError(f"Got {len(anchor)} anchor, {len(policy)} policy and {len(out or [])} out tensors.")
+    out = anchor if out is None else out
+    same = [i for i in range(len(anchor)) if anchor[i].dtype == policy[i].dtype]
+    mixed = [i for i in range(len(anchor)) if anchor[i].dtype != policy[i].dtype]
+    if same:
+        torch._foreach_lerp_([anchor[i] for i in same], [policy[i] for i in same], ema_rate)
+        copies = [i for i in same if out[i] is not anchor[i]]
+        if copies:
+            torch._foreach_copy_([out[i] for i in copies], [anchor[i] for i in copies])
+    if not mixed:
+        return
+    if anchor[mixed[0]].device.type == "cpu":
+        _mixed_chunked_(
+            [anchor[i] for i in mixed], [policy[i] for i in mixed], [out[i] for i in mixed], ema_rate
+        )
+    else:
+        _mixed_bucketed_(
+            [anchor[i] for i in mixed], [policy[i] for i in mixed], [out[i] for i in mixed], ema_rate
+        )
+
+
+_CHUNK_NUMEL = 1 << 20  # 4 MB of fp32 scratch: stays in cache, large enough for multithreaded kernels
+_BUCKET_NUMEL = 1 << 25  # 128 MB of fp32 scratch per bucket on accelerators
+
+
+def _mixed_chunked_(anchor: list[Tensor], policy: list[Tensor], out: list[Tensor], ema_rate: float) -> None:
+    scratch = torch.empty(_CHUNK_NUMEL, dtype=anchor[0].dtype, device=anchor[0].device)
+    for a, p, o in zip(anchor, policy, out, strict=True):
+        a, p, o = a.view(-1), p.reshape(-1), o.view(-1)
+        for start in range(0, a.numel(), _CHUNK_NUMEL):
+            stop = min(start + _CHUNK_NUMEL, a.numel())
+            chunk = scratch[: stop - start]
+            chunk.copy_(p[start:stop])
+            a[start:stop].lerp_(chunk, ema_rate)
+            if o is not a:
+                o[start:stop].copy_(a[start:stop])
+
+
+def squared_distance_and_norm(anchor: list[Tensor], policy: list[Tensor]) -> tuple[float, float]:
+    """(sum |a_i - p_i|^2, sum |p_i|^2) in fp32, through a cache-sized scratch: no model-sized temporaries."""
+    scratch = torch.empty(_CHUNK_NUMEL, dtype=torch.float32, device=anchor[0].device)
+    num = torch.zeros((), dtype=torch.float64, device=anchor[0].device)
+    den = torch.zeros((), dtype=torch.float64, device=anchor[0].device)
+    for a, p in zip(anchor, policy, strict=True):
+        a, p = a.reshape(-1), p.reshape(-1)
+        for start in range(0, a.numel(), _CHUNK_NUMEL):
+            stop = min(start + _CHUNK_NUMEL, a.numel())
+            chunk = scratch[: stop - start]
+            chunk.copy_(p[start:stop])
+            den += torch.dot(chunk, chunk).double()
+            chunk.sub_(a[start:stop])
+            num += torch.dot(chunk, chunk).double()
+    return float(num), float(den)
+
+
+def _mixed_bucketed_(anchor: list[Tensor], policy: list[Tensor], out: list[Tensor], ema_rate: float) -> None:
+    size = max(_BUCKET_NUMEL, max(p.numel() for p in policy))
+    scratch = torch.empty(size, dtype=anchor[0].dtype, device=anchor[0].device)
+    start = 0
+    while start < len(anchor):
+        stop, used = start, 0
+        while stop < len(anchor) and (stop == start or used + policy[stop].numel() <= size):
+            used += policy[stop].numel()
+            stop += 1
+        views, offset = [], 0
+        for p in policy[start:stop]:
+            views.append(scratch[offset : offset + p.numel()].view(p.shape))
+            offset += p.numel()
+        torch._foreach_copy_(views, policy[start:stop])
+        torch._foreach_lerp_(anchor[start:stop], views, ema_rate)
+        pairs = [(o, a) for o, a in zip(out[start:stop], anchor[start:stop], strict=True) if o is not a]
+        if pairs:
+            torch._foreach_copy_([o for o, _ in pairs], [a for _, a in pairs])
+        start = stop
