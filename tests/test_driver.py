@@ -260,6 +260,16 @@ def test_warp_tiny_end_to_end_through_accelerate(tmp_path, hermetic_env):
             info = json.loads((out / f"iter_{i}" / f"run_{m}" / "run_info.json").read_text())
             assert (info["global_step"], info["anchor"], info["data_seed"]) == (3, "ema", (i - 1) * 2 + m - 1)
             assert (out / f"iter_{i}" / f"run_{m}" / "checkpoint-3" / "trainer_state.json").is_file()
+    # The baseline trained I * T steps from the SFT init, with a checkpoint every T steps.
+    baseline = out / "baselines" / "sft_anchor_beta0_1"
+    info = json.loads((baseline / "run_info.json").read_text())
+    assert (info["global_step"], info["anchor"]) == (6, "sft")
+    assert {p.name for p in baseline.glob("checkpoint-*")} == {"checkpoint-3", "checkpoint-6"}
+    # The frontier of the run's own artefacts: both WARP iterations' LITI fronts and the baseline trajectory.
+    frontier = json.loads((out / "frontier" / "frontier.json").read_text())
+    names = {p["name"] for p in frontier["points"]}
+    assert {"warp-iter1/eta=0.5", "warp-iter2/eta=1", "sft_anchor_beta0_1/step=6"} <= names, names
+    assert (out / "frontier" / "frontier.png").stat().st_size > 10_000
     # The final init is a real model: it loads and generates.
     final = out / "iter_2" / "next_init"
     model = AutoModelForCausalLM.from_pretrained(final)
@@ -270,7 +280,7 @@ def test_warp_tiny_end_to_end_through_accelerate(tmp_path, hermetic_env):
 
     again = _warpkit("train", "configs/warp_tiny.yaml", "--output_dir", str(out), env=hermetic_env)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "nothing to do" in again.stdout
+    assert "nothing to do" in again.stdout and "frontier: done (manifest)" in again.stdout
     assert {p: p.stat().st_size for p in out.rglob("train.log")} == logs  # no run was launched
 
 

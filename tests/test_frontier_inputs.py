@@ -80,7 +80,7 @@ def test_every_shipped_frontier_config_parses(monkeypatch):
     monkeypatch.setenv("WARPKIT_TINY", "/tiny")
     monkeypatch.setenv("WARPKIT_RUN", "/run")
     configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("frontier_*.yaml"))
-    assert {c.name for c in configs} >= {"frontier_tiny.yaml", "frontier_default.yaml"}
+    assert {c.name for c in configs} >= {"frontier_tiny.yaml"}
     for c in configs:
         config = load_frontier_config(c)
         assert config.policies

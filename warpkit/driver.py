@@ -81,6 +81,8 @@ class WarpConfig:
             (1 - η) sft + η merged_i of every iteration over `frontier_etas`; each baseline's trajectory).
             The generated config is kept as `frontier.yaml`; results go to `frontier/`.
         frontier_etas: the η grid of each iteration's LITI front in the frontier evaluation.
+        frontier_policies: more frontier policy entries drawn on the same plot, e.g. the M = 1 ablation from
+            another output_dir: `{name: warp-m1, method: warp_m1, liti: {init: ..., merged: .../iter_2/merged}}`.
     """
 
     model_name_or_path: str
@@ -101,6 +103,7 @@ class WarpConfig:
     baselines: list[dict[str, Any]] = field(default_factory=list)
     frontier: dict[str, Any] | None = None
     frontier_etas: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.3, 0.5, 0.8, 1.0])
+    frontier_policies: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.iterations < 1:
@@ -621,7 +624,7 @@ def frontier_document(config: WarpConfig, sft: Path, out: Path) -> dict[str, Any
         **user,
         "method_labels": {**labels, **user.get("method_labels", {})},
         "reference": str(sft),
-        "policies": policies,
+        "policies": policies + list(config.frontier_policies),
         "output_dir": str(out / "frontier"),
     }
 

@@ -262,10 +262,12 @@ def build_trainer(rl_args: RLArguments, training_args, model_args):
     return trainer
 
 
-def last_complete_checkpoint(output_dir: str | Path) -> str | None:
-    """The newest `checkpoint-N` that was fully written (`trainer_state.json` is the Trainer's last file).
+def last_complete_checkpoint(output_dir: str | Path, *, with_anchor: bool = False) -> str | None:
+    """The newest `checkpoint-N` that was fully written, or None.
 
-    A checkpoint cut short by a crash lacks it and is skipped, so a resumed run never trusts it.
+    `trainer_state.json` is the Trainer's last file of a checkpoint, so one cut short by a crash lacks it and is
+    skipped. With `with_anchor`, the EMA anchor's file must be there too (step saves write it before
+    `trainer_state.json`; epoch saves after), so a resumed run never restarts from the SFT reference.
     """
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
@@ -273,8 +275,11 @@ def last_complete_checkpoint(output_dir: str | Path) -> str | None:
     steps = []
     for p in output_dir.glob("checkpoint-*"):
         suffix = p.name.removeprefix("checkpoint-")
-        if p.is_dir() and suffix.isdigit() and (p / "trainer_state.json").is_file():
-            steps.append((int(suffix), p))
+        if not (p.is_dir() and suffix.isdigit() and (p / "trainer_state.json").is_file()):
+            continue
+        if with_anchor and not any(p.glob("warpkit_anchor*.safetensors")):
+            continue
+        steps.append((int(suffix), p))
     return str(max(steps)[1]) if steps else None
 
 
@@ -305,7 +310,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     rl_args, training_args, model_args = parse_args(argv)
     trainer = build_trainer(rl_args, training_args, model_args)
     # A save_only_model checkpoint has no optimizer state to resume from: such a run restarts from scratch.
-    resume = None if training_args.save_only_model else last_complete_checkpoint(training_args.output_dir)
+    resume = None
+    if not training_args.save_only_model:
+        resume = last_complete_checkpoint(training_args.output_dir, with_anchor=rl_args.anchor == "ema")
     trainer.train(resume_from_checkpoint=resume)
     policy = save_policy(trainer, training_args.output_dir)
     if trainer.accelerator.is_main_process:
