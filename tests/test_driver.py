@@ -341,3 +341,19 @@ def test_bad_baselines_are_refused(sft, tmp_path):
     cfg = tiny_config(tmp_path, sft, rl={"use_cpu": True}, baselines=[{"name": "b", "rl": {"beta": 0.0}}])
     with pytest.raises(ValueError, match=r"invalid baselines\[b\].rl: beta=0"):
         driver.validate_rl_section(cfg)
+
+
+def test_other_merge_methods_and_their_settings_reach_the_engine(sft, tmp_path):
+    import json
+
+    from warpkit.merge_io import RECIPE_NAME
+
+    cfg = tiny_config(tmp_path / "o", sft, merge_method="ties", merge_kwargs={"density": 0.5})
+    cfg.iterations = 1
+    run_warp(cfg, train_fn=fake_train)
+    recipe = json.loads((tmp_path / "o" / "iter_1" / "merged" / RECIPE_NAME).read_text())
+    assert "ties" in json.dumps(recipe) and "0.5" in json.dumps(recipe)
+    with pytest.raises(ValueError, match="merge_kwargs"):
+        tiny_config(tmp_path, sft, merge_kwargs={"denisty": 0.5})
+    with pytest.raises(ValueError, match="merge_method='sum'"):
+        tiny_config(tmp_path, sft, merge_method="sum")

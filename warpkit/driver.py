@@ -45,7 +45,6 @@ __all__ = [
 
 MANIFEST_NAME = "warp_manifest.json"
 FINGERPRINT_NAME = ".warpkit_fingerprint"
-MERGE_METHODS = ("slerp", "lerp")
 
 
 @dataclass
@@ -60,7 +59,9 @@ class WarpConfig:
         num_policies: M, independent RL runs per iteration. Paper: 2.
         liti_eta: η, next init = (1 - η) init + η merged. Paper: 0.3.
         allow_extrapolation: allow η > 1 (extrapolation past the merge, as in ExPO).
-        merge_method: `slerp` (WARP's SLERP of task vectors) or `lerp` (the ablation).
+        merge_method: `slerp` (WARP's SLERP of task vectors), `lerp` (the ablation), or any other method of
+            `warpkit merge` (ties, dare_ties, model_stock, karcher, ...).
+        merge_kwargs: extra settings of that method (`density`, `seed`, `scale`, ...), see `warpkit merge -h`.
         merge_granularity: one SLERP angle per `block` (transformer layer; the paper), `tensor` or `model`.
         merge_weights: λ weights of the M policies; None is uniform (λ = 1/M).
         front_etas: if set, also write the final front (1 - η) sft + η merged_I for each η here.
@@ -94,6 +95,7 @@ class WarpConfig:
     merge_method: str = "slerp"
     merge_granularity: str = "block"
     merge_weights: list[float] | None = None
+    merge_kwargs: dict[str, Any] = field(default_factory=dict)
     front_etas: list[float] = field(default_factory=list)
     seed: int = 0
     accelerate_config: str | None = None
@@ -119,8 +121,15 @@ class WarpConfig:
             raise ValueError(
                 "frontier.reference and frontier.policies are filled by the driver; remove them."
             )
-        if self.merge_method not in MERGE_METHODS:
-            raise ValueError(f"merge_method={self.merge_method!r}: choose one of {MERGE_METHODS}.")
+        from warpkit.merge_io import METHODS
+
+        if self.merge_method not in METHODS:
+            raise ValueError(f"merge_method={self.merge_method!r}: choose one of {METHODS} (WARP: slerp).")
+        allowed = {"scale", "density", "seed", "normalize", "compute_dtype", "dtype", "max_shard_size"}
+        if set(self.merge_kwargs) - allowed:
+            raise ValueError(
+                f"merge_kwargs {sorted(set(self.merge_kwargs) - allowed)} unknown; use {sorted(allowed)}."
+            )
         if self.merge_granularity not in ("block", "tensor", "model"):
             raise ValueError(f"merge_granularity={self.merge_granularity!r}: choose block, tensor or model.")
         if self.merge_weights is not None and len(self.merge_weights) != self.num_policies:
@@ -372,6 +381,7 @@ def default_merge(
         config.merge_weights,
         granularity=config.merge_granularity,
         allow_extrapolation=config.allow_extrapolation,
+        **config.merge_kwargs,
     )
     liti_folder(init, merged_out, next_init_out, config.liti_eta, config.allow_extrapolation)
     return report.log()
@@ -500,7 +510,9 @@ def run_warp(
 
         merged, next_init = it_dir / "merged", it_dir / "next_init"
         policy_hashes = [manifest.steps[s.key]["outputs"][s.policy_dir.name] for s in specs]
-        merge_params = [config.merge_method, config.merge_granularity, config.merge_weights, config.liti_eta]
+        merge_params = [
+            config.merge_method, config.merge_granularity, config.merge_weights, config.merge_kwargs, config.liti_eta
+        ]  # fmt: skip
         merge_inputs = fingerprint([init_hash, policy_hashes, merge_params])
         key = f"iter_{i}/merge"
         if manifest.done(key, merge_inputs, [merged, next_init]):
