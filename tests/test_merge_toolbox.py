@@ -273,3 +273,11 @@ def test_ties_blocks_match_a_naive_topk_reference():
             expected[j] = sum(w[m] * trimmed[m, j] for m in agree) / sum(w[m] for m in agree)
     torch.testing.assert_close(ties(d, w, 0.3, block=7), expected)
     torch.testing.assert_close(ties(d, w, 0.3), expected)
+
+
+def test_trim_keeps_exactly_k_when_magnitudes_tie():
+    d = T([[1.0, -2.0, 2.0, -2.0, 0.5]])  # three entries tie at the threshold magnitude 2
+    kept = trim_top_density(d, 0.4)  # k = 2: the first two tied entries, in index order
+    assert torch.equal(kept, T([[0.0, -2.0, 2.0, 0.0, 0.0]]))
+    bf16 = torch.randn(1, 4096, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16).float()
+    assert int((trim_top_density(bf16, 0.3) != 0).sum()) == round(0.3 * 4096)  # bf16: many ties

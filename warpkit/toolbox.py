@@ -148,29 +148,38 @@ def karcher_coefficients(
 # ----------------------------------------------------------------------------- element-wise
 
 
-def _thresholds(d: torch.Tensor, density: float) -> torch.Tensor | None:
-    """Per row of d (M, n), the magnitude of its k-th largest entry, k = round(density * n) (at least 1
-    when density > 0). None means keep everything; +inf means keep nothing."""
+def _keep_mask(d: torch.Tensor, density: float) -> torch.Tensor | None:
+    """Per row of d (M, n), a bool mask of its k = round(density * n) largest magnitudes (at least 1 when
+    density > 0), exactly k even when magnitudes tie at the threshold (common in bf16): the tied entries
+    are taken in index order. None means keep everything."""
     if not 0.0 <= density <= 1.0:
         raise ValueError(f"density={density} must be in [0, 1] (the fraction of entries kept).")
     n = d.shape[-1]
     if density >= 1.0 or n == 0:
         return None
     if density == 0.0:
-        return torch.full((d.shape[0], 1), math.inf, dtype=d.dtype, device=d.device)
+        return torch.zeros(d.shape, dtype=torch.bool, device=d.device)
     k = min(n, max(1, round(density * n)))
-    # the k-th largest magnitude by selection (3x faster than topk at k ~ n/2); entries tied with it stay
-    return torch.stack([row.abs().kthvalue(n - k + 1).values for row in d])[:, None]
+    masks = []
+    for row in d:
+        magnitude = row.abs()
+        # the k-th largest magnitude by selection (3x faster than topk at k ~ n/2)
+        threshold = magnitude.kthvalue(n - k + 1).values
+        keep = magnitude > threshold
+        tied = (magnitude == threshold).nonzero().flatten()
+        keep[tied[: k - int(keep.sum())]] = True
+        masks.append(keep)
+    return torch.stack(masks)
 
 
 def trim_top_density(d: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the round(density * n) largest-magnitude entries of each row of d (M, n), zero the rest.
 
     density 1 keeps everything, 0 nothing. For 0 < density * n < 1 one entry is kept, so a small density
-    never drops a whole task vector (mergekit's gap). Entries tied with the k-th magnitude are all kept.
+    never drops a whole task vector (mergekit's gap). Exactly k entries, ties at the threshold included.
     """
-    threshold = _thresholds(d, density)
-    return d.clone() if threshold is None else torch.where(d.abs() >= threshold, d, 0.0)
+    keep = _keep_mask(d, density)
+    return d.clone() if keep is None else torch.where(keep, d, 0.0)
 
 
 def _ties_block(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -189,14 +198,14 @@ def ties(
     d: (M, n) task vectors of one tensor; returns (n,). An entry whose signed mass sum_m w_m t_m is exactly
     0 (a sign tie) keeps the init (0). Hand example, d_1 = [3, -1, 2], d_2 = [-2, -2, 1], density 2/3 (keep
     2 of 3), unit weights: t_1 = [3, 0, 2], t_2 = [-2, -2, 0]; mass [1, -2, 2] elects [+, -, +]; the agreeing
-    entries give [3, -2, 2]. The thresholds need the whole tensor; the rest runs in cache-sized blocks.
+    entries give [3, -2, 2]. The trim needs the whole tensor; the rest runs in cache-sized blocks.
     """
     w = torch.tensor(list(weights), dtype=d.dtype, device=d.device)[:, None]
-    threshold = _thresholds(d, density)
+    keep = _keep_mask(d, density)
     out = torch.empty(d.shape[1], dtype=d.dtype, device=d.device)
     for start in range(0, d.shape[1], block):
         part = d[:, start : start + block]
-        t = part if threshold is None else torch.where(part.abs() >= threshold, part, 0.0)
+        t = part if keep is None else torch.where(keep[:, start : start + block], part, 0.0)
         out[start : start + block] = _ties_block(t, w)
     return out
 
