@@ -325,6 +325,7 @@ def test_baselines_train_from_sft_with_equal_sequential_budget(sft, tmp_path):
     init, run = seen["baselines/sft_beta0_1"]
     assert init == sft and run["anchor"] == "sft" and run["beta"] == 0.1
     assert (run["max_steps"], run["save_steps"], run["save_total_limit"]) == (10, 5, None)  # I * T, every T
+    assert run["save_strategy"] == "steps"
     assert seen["baselines/ema_long"][1]["max_steps"] == 7  # an explicit budget is kept
     assert seen["iter_1/run_1"][1]["max_steps"] == 5
     assert (tmp_path / "o" / "baselines" / "ema_long" / "policy" / "model.safetensors").is_file()

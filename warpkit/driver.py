@@ -416,6 +416,7 @@ def baseline_specs(config: WarpConfig, sft: Path, out: Path) -> list[RunSpec]:
         rl = {**config.rl, **baseline.get("rl", {})}
         if "max_steps" not in baseline.get("rl", {}) and "max_steps" in config.rl:
             rl["max_steps"] = config.iterations * int(config.rl["max_steps"])
+            rl["save_strategy"] = "steps"
             rl["save_steps"] = int(config.rl["max_steps"])  # a checkpoint per WARP-iteration length
             rl["save_total_limit"] = None  # keep them all: they are the trajectory the frontier draws
         folder = out / "baselines" / baseline["name"]
