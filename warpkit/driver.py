@@ -156,10 +156,6 @@ class WarpConfig:
                 raise ValueError(f"{section}.{sorted(reserved)[0]} is set by the driver per run; remove it.")
 
 
-def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text)
-
-
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Apply `--field VALUE` / `--rl.field=VALUE` command-line overrides (values parsed as YAML)."""
     raw = json.loads(json.dumps(raw))  # deep copy of plain data
@@ -181,7 +177,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
             target = target.setdefault(parent, {})
             if not isinstance(target, dict):
                 raise ValueError(f"override {token}: {parent} is not a section.")
-        target[leaf] = _parse_value(value)
+        target[leaf] = yaml.safe_load(value)
     return raw
 
 

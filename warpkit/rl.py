@@ -11,14 +11,12 @@ The M runs of an iteration differ by `data_seed`, which permutes the prompts bef
 
 from __future__ import annotations
 
-import importlib
 import os
 import shutil
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 __all__ = [
     "POLICY_DIRNAME",
@@ -83,14 +81,6 @@ class RLArguments:
             self.reward_funcs = [self.reward_funcs]
 
 
-def _import_object(spec: str) -> Any:
-    module, _, name = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"cannot import {spec!r} ({e}); expected 'package.module:function'.") from e
-
-
 def resolve_model_path(name: str) -> str:
     """`warpkit:default` is the embedded SmolLM2-135M-Instruct, `warpkit:tiny` a tiny local llama; else a folder.
 
@@ -120,6 +110,8 @@ def resolve_model_path(name: str) -> str:
 
 def load_reward_funcs(specs: Sequence[str]) -> list[str | Callable]:
     """Callables for `'module:function'`, folder paths (TRL loads them as reward models) otherwise."""
+    from warpkit.frontier_inputs import import_object
+
     funcs: list[str | Callable] = []
     for spec in specs:
         if Path(spec).expanduser().is_dir():
@@ -127,7 +119,7 @@ def load_reward_funcs(specs: Sequence[str]) -> list[str | Callable]:
                 raise FileNotFoundError(f"reward model folder {spec!r} has no config.json.")
             funcs.append(str(Path(spec).expanduser().resolve()))
         elif ":" in spec:
-            func = _import_object(spec)
+            func = import_object(spec, "reward")
             if not callable(func):
                 raise TypeError(f"reward {spec!r} is not callable.")
             funcs.append(func)
@@ -142,6 +134,8 @@ def load_prompts(spec: str, split: str = "train"):
     """A `datasets.Dataset` with a `prompt` column from a function, a data file or a `save_to_disk` folder."""
     import datasets
 
+    from warpkit.frontier_inputs import import_object
+
     path = Path(spec).expanduser()
     if path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "dataset_info.json")):
         dataset = datasets.load_from_disk(str(path))
@@ -153,7 +147,7 @@ def load_prompts(spec: str, split: str = "train"):
             raise ValueError(f"dataset file {spec!r}: use .json, .jsonl, .parquet or .csv.")
         dataset = datasets.load_dataset(kind, data_files=str(path), split="train")
     elif ":" in spec:
-        dataset = _import_object(spec)(split)
+        dataset = import_object(spec, "dataset")(split)
     else:
         raise FileNotFoundError(
             f"dataset {spec!r} is neither 'module:function' nor an existing file or folder."
