@@ -3,7 +3,8 @@
 Same inputs as bench/merge.py (three random ~0.5B-parameter llama-style checkpoints, float32, sharded;
 built there and reused from --workdir), same machine, each run in its own process:
 
-- warpkit:  `warpkit merge --method ties --density 0.5` and `--method dare_ties --density 0.5 --seed 0`.
+- warpkit:  `warpkit merge --method ties --density 0.5` and `--method dare_ties --density 0.5 --seed 0`;
+            also `--trim-scope model` (the TIES paper's whole-model trim), timed against per-tensor.
 - mergekit: `mergekit-yaml` with `merge_method: ties` / `dare_ties`, base_model set, weight 1, density 0.5
             (its own venv, default /work/venvs/mergekit).
 - peft:     `peft.utils.merge_utils.ties` / `dare_ties` called tensor by tensor on the task vectors read
@@ -93,6 +94,11 @@ def main() -> None:
         extra = ["--density", "0.5"] + (["--seed", "0"] if method == "dare_ties" else [])
         runs[key] = measure([*cmd, *extra, "--out", str(outs / key.replace(" ", "-")), "--no-progress"], env)
         print(f"  {key}: {runs[key]['seconds']:.1f} s", flush=True)
+        if method == "ties":  # the TIES paper's model-wide trim: two more reading passes, no peer has it
+            key = "warpkit ties/model"
+            out = str(outs / "warpkit-ties-model")
+            runs[key] = measure([*cmd, *extra, "--trim-scope", "model", "--out", out, "--no-progress"], env)
+            print(f"  {key}: {runs[key]['seconds']:.1f} s", flush=True)
         key = f"peft {method}"
         runs[key] = measure(
             [py, __file__, "--_peft", method, str(init), str(a), str(b), str(outs / key.replace(" ", "-"))],
@@ -121,6 +127,8 @@ def main() -> None:
             if f"{peer} {method}" in runs:
                 ratio = runs[f"{peer} {method}"]["seconds"] / runs[f"warpkit {method}"]["seconds"]
                 print(f"  {peer} {method} / warpkit {method} = {ratio:.2f}x")
+    ratio = runs["warpkit ties/model"]["seconds"] / runs["warpkit ties"]["seconds"]
+    print(f"  warpkit ties/model (whole-model trim) / warpkit ties (per tensor) = {ratio:.2f}x")
     for peer in ("mergekit", "peft"):
         if f"{peer} ties" in runs:
             diff = max_abs_diff(outs / "warpkit-ties", outs / f"{peer}-ties")

@@ -3,6 +3,7 @@ through `merge_folders` / `warpkit merge` against the same functions applied to 
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -13,6 +14,7 @@ from warpkit.cli import main
 from warpkit.merge import slerp_coefficients
 from warpkit.merge_io import merge_folders
 from warpkit.toolbox import (
+    TopKByMagnitude,
     dare,
     dare_generator,
     elementwise_task_vector,
@@ -281,3 +283,153 @@ def test_trim_keeps_exactly_k_when_magnitudes_tie():
     assert torch.equal(kept, T([[0.0, -2.0, 2.0, 0.0, 0.0]]))
     bf16 = torch.randn(1, 4096, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16).float()
     assert int((trim_top_density(bf16, 0.3) != 0).sum()) == round(0.3 * 4096)  # bf16: many ties
+
+
+# ----------------------------------------------------------------------------- streamed trim
+
+
+def _select(d: torch.Tensor, k: list[int], bounds: list[int]) -> torch.Tensor:
+    """TopKByMagnitude over the column chunks [bounds[i], bounds[i+1]) of d (M, n): its (M, n) mask."""
+    selector = TopKByMagnitude(k, d.dtype)
+    chunks = list(itertools.pairwise(bounds))
+    for _ in range(selector.passes):
+        for a, b in chunks:
+            selector.observe(d[:, a:b])
+        selector.end_pass()
+    return torch.cat([selector.keep(d[:, a:b]) for a, b in chunks], dim=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_topk_by_magnitude_is_a_stable_sort_cut(dtype):
+    """The radix select keeps exactly the first k entries of a stable sort by decreasing |d|: ties at the
+    threshold go in index order, across chunk boundaries, +0/-0 and subnormals included."""
+    gen = torch.Generator().manual_seed(0)
+    n = 5003
+    d = torch.randn(4, n, generator=gen, dtype=torch.float64)
+    d[1] = d[1].to(torch.bfloat16).double()  # many exact magnitude ties
+    d[2, ::3], d[2, 1::3] = 0.0, -0.0
+    d[2, 2::6], d[2, 5::6] = -0.25, 0.25
+    d[3, :100] = 1e-310 if dtype == torch.float64 else 1e-40  # subnormal magnitudes
+    d = d.to(dtype)
+    k = [1, 1500, 1200, n]
+    bounds = [0, 1, 17, 2048, 2049, 4000, n]
+    mask = _select(d, k, bounds)
+    for m in range(4):
+        order = torch.sort(d[m].abs(), descending=True, stable=True).indices
+        expected = torch.zeros(n, dtype=torch.bool)
+        expected[order[: k[m]]] = True
+        assert torch.equal(mask[m], expected), m
+    assert not _select(d, [0, 0, 0, 0], [0, n]).any()
+    with pytest.raises(RuntimeError, match="selection passes"):
+        TopKByMagnitude([1]).keep(d[:1].float())
+    with pytest.raises(ValueError, match="larger than the number"):
+        _select(d[:1], [n + 1], [0, n])
+
+
+def _flat_task_vectors(init, models, names):
+    base = _state(init)
+    states = [_state(m) for m in models]
+    return torch.stack([torch.cat([(s[n] - base[n]).double().flatten() for n in names]) for s in states])
+
+
+def test_ties_whole_model_trim_matches_a_flattened_reference(trio, tmp_path):
+    """trim_scope="model": each task vector keeps its top density fraction of the whole model (the TIES
+    paper's trim), against topk over the concatenation of every tensor, computed in float64."""
+    init, a, b = trio
+    base = _state(init)
+    names = [n for n in base if base[n].dtype.is_floating_point]
+    sizes = [base[n].numel() for n in names]
+    d = _flat_task_vectors(init, [a, b], names)
+    density, w = 0.2, [1.0, 2.0]
+    k = round(density * d.shape[1])
+    trimmed = torch.zeros_like(d)
+    for m in range(2):
+        idx = d[m].abs().topk(k).indices
+        trimmed[m, idx] = d[m, idx]
+    expected = dict(zip(names, ties(trimmed, w, 1.0).split(sizes), strict=True))
+    runs = {
+        "default": {},
+        "small chunks, no cache": {"chunk_numel": 2048, "cache_size": 0},
+    }
+    for label, kwargs in runs.items():
+        out = tmp_path / label.replace(" ", "_").replace(",", "")
+        report = merge_folders(
+            "ties", init, [a, b], out, w, density=density, trim_scope="model", progress=False, **kwargs
+        )
+        got = _state(report.out)
+        for n in names:
+            torch.testing.assert_close(
+                got[n].double(), base[n].double() + expected[n].view(base[n].shape), rtol=1e-6, atol=1e-7
+            )
+        assert report.recipe["trim_scope"] == "model"
+    # The scope matters: per-tensor trims keep density of every tensor, the model-wide one does not.
+    per_tensor = _state(
+        merge_folders("ties", init, [a, b], tmp_path / "pt", w, density=density, progress=False).out
+    )
+    assert any(not torch.equal(per_tensor[n], got[n]) for n in names)
+    kept = [int((trimmed[0].split(sizes)[i] != 0).sum()) for i in range(len(names))]
+    assert len({round(c / s, 2) for c, s in zip(kept, sizes, strict=True)}) > 1
+
+
+def test_ties_whole_model_trim_edges(trio, tmp_path):
+    init, a, b = trio
+    base = _state(init)
+    names = [n for n in base if base[n].dtype.is_floating_point]
+    numel = sum(base[n].numel() for n in names)
+    # density 0: nothing kept anywhere, the init comes back
+    zero = _state(
+        merge_folders(
+            "ties", init, [a, b], tmp_path / "z", density=0.0, trim_scope="model", progress=False
+        ).out
+    )
+    assert all(torch.equal(zero[n], base[n]) for n in names)
+    # density * size below one element: one entry per task vector survives, model-wide
+    tiny = merge_folders(
+        "ties", init, [a], tmp_path / "t", density=0.5 / numel, trim_scope="model", progress=False
+    )
+    changed = sum(int((_state(tiny.out)[n] != base[n]).sum()) for n in names)
+    assert changed == 1
+    d = _flat_task_vectors(init, [a], names)[0]
+    sizes = [base[n].numel() for n in names]
+    where = int(d.abs().argmax())
+    name = names[next(i for i, c in enumerate(torch.tensor(sizes).cumsum(0).tolist()) if where < c)]
+    assert not torch.equal(_state(tiny.out)[name], base[name])  # ... the largest entry of the model
+    with pytest.raises(ValueError, match="trim_scope applies to ties only"):
+        merge_folders(
+            "dare_ties", init, [a, b], tmp_path / "bad", density=0.5, trim_scope="model", progress=False
+        )
+    with pytest.raises(ValueError, match="trim_scope='layer'"):
+        merge_folders("ties", init, [a, b], tmp_path / "bad", density=0.5, trim_scope="layer", progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_elementwise_methods_do_not_depend_on_the_chunk_size(trio, tmp_path):
+    """Element-wise methods stream row chunks: chunk size changes nothing, bit for bit (DARE's masks
+    included, drawn per (seed, tensor, model) in row order)."""
+    init, a, b = trio
+    for method, kwargs in [
+        ("ties", {"density": 0.3}),
+        ("ties", {"density": 0.3, "trim_scope": "model"}),
+        ("dare_ties", {"density": 0.6, "seed": 1}),
+        ("negmerge", {}),
+    ]:
+        tag = method + kwargs.get("trim_scope", "")
+        one = _state(merge_folders(method, init, [a, b], tmp_path / f"{tag}1", progress=False, **kwargs).out)
+        two = merge_folders(
+            method, init, [a, b], tmp_path / f"{tag}2", chunk_numel=2048, cache_size=0, progress=False, **kwargs
+        )
+        assert all(torch.equal(one[n], t) for n, t in _state(two.out).items()), method
+
+
+def test_cli_ties_trim_scope(trio, tmp_path):
+    init, a, b = trio
+    args = ["merge", "--method", "ties", "--init", str(init), "--models", str(a), str(b), "--density", "0.2"]
+    assert main([*args, "--trim-scope", "model", "--out", str(tmp_path / "m"), "--no-progress"]) == 0
+    want = merge_folders(
+        "ties", init, [a, b], tmp_path / "py", density=0.2, trim_scope="model", progress=False
+    )
+    got, ref = _state(tmp_path / "m"), _state(want.out)
+    assert all(torch.equal(got[n], ref[n]) for n in got)
+    with pytest.raises(SystemExit, match="trim_scope applies to ties only"):
+        main(["merge", "--method", "negmerge", "--init", str(init), "--models", str(a), str(b),
+              "--trim-scope", "model", "--out", str(tmp_path / "x"), "--no-progress"])  # fmt: skip

@@ -138,6 +138,7 @@ _MERGE_KEYS = (
     "overwrite",
     "scale",
     "density",
+    "trim_scope",
     "seed",
     "normalize",
 )
@@ -188,6 +189,12 @@ def _merge_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--density", type=float, default=None, help="ties: fraction kept; dare_*: keep probability"
+    )
+    p.add_argument(
+        "--trim-scope",
+        choices=["tensor", "model"],
+        default=None,
+        help="ties: trim per tensor (default) or over the whole model (the TIES paper)",
     )
     p.add_argument("--seed", type=int, default=None, help="dare_* mask seed (per tensor name and model)")
     p.add_argument(

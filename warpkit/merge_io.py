@@ -8,8 +8,8 @@ per model; pass 2 streams the same rows again (now in the page cache) and writes
 per input, so memory does not grow with the size or number of models.
 
 The toolbox's coefficient methods (linear, task arithmetic, Model Stock, Karcher) run on the same two
-passes. Its element-wise methods (TIES, DARE, NegMerge) need whole tensors (TIES's magnitude threshold is
-per tensor), so they hold one tensor per input: memory is bounded by the largest tensor, not the model.
+passes. Its element-wise methods (TIES, DARE, NegMerge) stream the same chunks through
+`warpkit.merge_elementwise`, TIES with extra counting passes for its magnitude threshold.
 """
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ from warpkit.merge import (
     slerp_coefficients,
     stats_to_log,
 )
+from warpkit.merge_elementwise import TRIM_SCOPES, TrimScope, write_elementwise
 from warpkit.toolbox import (
     ELEMENTWISE,
-    elementwise_task_vector,
     karcher_coefficients,
     linear_coefficients,
     model_stock_coefficients,
@@ -253,13 +253,15 @@ def merge_folders(
     density: float | None = None,
     seed: int = 0,
     normalize: bool = True,
+    trim_scope: TrimScope | None = None,
 ) -> MergeReport:
     """Merge `models` (save_pretrained folders or LoRA adapters of `init`) relative to `init` into `out`.
 
     method: "slerp" (WARP stage 2, the paper's recursion for M > 2) or "lerp" of task vectors, or a
     toolbox method (see `warpkit.toolbox`): "linear" (`normalize`), "task_arithmetic" (`scale`, negative
     weights negate), "model_stock", "karcher", "ties" (`density`), "dare_linear" / "dare_ties" (`density`
-    = keep probability, `seed`), "negmerge" (`scale`). Element-wise methods work tensor by tensor.
+    = keep probability, `seed`), "negmerge" (`scale`). TIES trims each task vector per tensor, or over
+    the whole model with trim_scope="model" (the TIES paper's trim; two more reading passes).
     weights: one per model, uniform by default. granularity: "block" (default), "tensor" or "model".
     liti_eta: if set, write LITI (1 - η) * init + η * merged (WARP stage 3) instead of the merge itself.
     dtype: output dtype (default: each tensor keeps the init's); arithmetic runs in `compute_dtype`.
@@ -268,7 +270,8 @@ def merge_folders(
     element-wise work is memory-bound, chunks of 2^18 elements stay in cache, and on a shared machine
     spinning OpenMP workers made two threads several times slower than one.
     Memory: one chunk of `chunk_numel` elements per input plus `cache_size` bytes that spare pass 2 a
-    re-read of the group's tensors (a transformer layer of a 0.5B model in fp32 fits in 256MB).
+    re-read of the group's tensors (a transformer layer of a 0.5B model in fp32 fits in 256MB), for
+    every method: the element-wise ones stream the same chunks.
     All inputs are checked before anything is written; the folder appears at `out` only when complete.
     Returns a `MergeReport` whose `stats` hold each group's angle, task-vector norms and cosines.
     """
@@ -302,6 +305,11 @@ def merge_folders(
         raise ValueError(f"scale applies to task_arithmetic, ties, dare_* and negmerge, not {method}.")
     if density is not None and method not in ("ties", "dare_linear", "dare_ties"):
         raise ValueError(f"density applies to ties, dare_linear and dare_ties, not {method}.")
+    if trim_scope is not None and method != "ties":
+        raise ValueError(f"trim_scope applies to ties only, not {method}.")
+    trim_scope = trim_scope or "tensor"
+    if trim_scope not in TRIM_SCOPES:
+        raise ValueError(f"trim_scope={trim_scope!r} is not one of {TRIM_SCOPES}.")
     scale = 1.0 if scale is None else float(scale)
     density = 1.0 if density is None else float(density)
     if not (math.isfinite(scale) and 0.0 <= density <= 1.0):
@@ -368,6 +376,8 @@ def merge_folders(
         eta = 1.0 if liti_eta is None else liti_eta
         stats: dict[str, GroupStats] = {}
         passes = 2 if method in _TWO_PASS else 1
+        if method == "ties" and 0.0 < density < 1.0:  # the threshold's counting passes (2 in float32)
+            passes = 1 + (2 if cd == torch.float32 else 4)
         bar = tqdm(
             total=passes * sum(len(v) for v in groups.values()),
             unit="tensor",
@@ -375,18 +385,23 @@ def merge_folders(
             desc=f"warpkit merge ({method})",
         )
         stream = _Stream(init_ckpt, ckpts, cd, device, parse_size(cache_size))
-        if method in ELEMENTWISE:  # tensor by tensor: init + η * scale * merged task vector
-            for n in (n for group_names in groups.values() for n in group_names):
-                info = init_ckpt.tensors[n]
-                views = stream.read(n, 0, info.rows, keep=False)
-                gram = stream.gram(n, views)
-                delta = elementwise_task_vector(
-                    method, stream.task_vectors, w, density=density, seed=seed, name=n
-                )
-                writer.write(n, 0, stream.add_to_init(views, delta, eta * scale, out_dtype or info.dtype))
-                stats[n] = lerp_coefficients(gram, [1.0] * len(ckpts), info.numel)
-                stats[n].coefficients, stats[n].merged_norm = [], float(delta.double().norm())
-                bar.update()
+        if method in ELEMENTWISE:  # init + η * scale * merged task vector, chunk by chunk
+            stats = write_elementwise(
+                stream,
+                [n for group_names in groups.values() for n in group_names],
+                method,
+                w,
+                density=density,
+                seed=seed,
+                trim_scope=trim_scope,
+                chunks=lambda n: list(
+                    _chunks(init_ckpt.tensors[n].rows, init_ckpt.tensors[n].row_numel, chunk_numel)
+                ),
+                alpha=eta * scale,
+                dtype_of=lambda n: out_dtype or init_ckpt.tensors[n].dtype,
+                write=writer.write,
+                tick=bar.update,
+            )
             groups = {}
         for group, group_names in groups.items():
             numel = sum(init_ckpt.tensors[n].numel for n in group_names)
@@ -426,6 +441,7 @@ def merge_folders(
             "scale": scale if method in ("task_arithmetic", *ELEMENTWISE) else None,
             "density": density if method in ("ties", "dare_linear", "dare_ties") else None,
             "seed": seed if method.startswith("dare") else None,
+            "trim_scope": trim_scope if method == "ties" else None,
             "normalize": normalize if method == "linear" else None,
             "liti_eta": liti_eta,
             "allow_extrapolation": allow_extrapolation,

@@ -23,6 +23,8 @@ from warpkit.merge import GroupStats, _cosines
 
 __all__ = [
     "ELEMENTWISE",
+    "TopKByMagnitude",
+    "combine_chunk",
     "dare",
     "dare_generator",
     "elementwise_task_vector",
@@ -32,6 +34,7 @@ __all__ = [
     "negmerge",
     "task_arithmetic_coefficients",
     "ties",
+    "trim_count",
     "trim_top_density",
 ]
 
@@ -149,17 +152,15 @@ def karcher_coefficients(
 
 
 def _keep_mask(d: torch.Tensor, density: float) -> torch.Tensor | None:
-    """Per row of d (M, n), a bool mask of its k = round(density * n) largest magnitudes (at least 1 when
-    density > 0), exactly k even when magnitudes tie at the threshold (common in bf16): the tied entries
-    are taken in index order. None means keep everything."""
-    if not 0.0 <= density <= 1.0:
-        raise ValueError(f"density={density} must be in [0, 1] (the fraction of entries kept).")
+    """Per row of d (M, n), a bool mask of its k = `trim_count(n, density)` largest magnitudes, exactly k
+    even when magnitudes tie at the threshold (common in bf16): the tied entries are taken in index
+    order. None means keep everything."""
     n = d.shape[-1]
-    if density >= 1.0 or n == 0:
+    k = trim_count(n, density)
+    if k == n:
         return None
-    if density == 0.0:
+    if k == 0:
         return torch.zeros(d.shape, dtype=torch.bool, device=d.device)
-    k = min(n, max(1, round(density * n)))
     masks = []
     for row in d:
         magnitude = row.abs()
@@ -246,22 +247,150 @@ def negmerge(d: torch.Tensor) -> torch.Tensor:
 ELEMENTWISE: tuple[str, ...] = ("ties", "dare_linear", "dare_ties", "negmerge")
 
 
-def elementwise_task_vector(
-    method: str, d: torch.Tensor, weights: Sequence[float], *, density: float, seed: int, name: str
+def combine_chunk(
+    method: str,
+    d: torch.Tensor,
+    weights: Sequence[float],
+    *,
+    keep: torch.Tensor | None = None,
+    density: float = 1.0,
+    generators: Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """The merged task vector (n,) of one tensor's task vectors d (M, n) for an element-wise method.
+    """The merged task vector (n,) of a chunk of task vectors d (M, n) for an element-wise method.
 
-    ties: `ties(d, w, density)`. dare_linear: sum_m w_m dare(d_m). dare_ties: TIES without trimming on
-    the DARE'd vectors. negmerge: -negmerge(d) (negation built in; weights unused).
+    Every method is element-wise once TIES's trim mask `keep` (M, n) is known (None: keep all), so a
+    tensor can be merged chunk by chunk. DARE draws its mask from `generators` (one per model), consumed
+    in order: chunks of one tensor taken in row order draw exactly the numbers one whole-tensor draw
+    would, so the result does not depend on the chunk size.
+    ties: the disjoint mean of the trimmed vectors. dare_linear: sum_m w_m dare(d_m). dare_ties: TIES
+    without trimming on the DARE'd vectors. negmerge: -negmerge(d) (negation built in; weights unused).
     """
+    w = torch.tensor(list(weights), dtype=d.dtype, device=d.device)[:, None]
     if method == "ties":
-        return ties(d, weights, density)
+        return _ties_block(d if keep is None else torch.where(keep, d, 0.0), w)
     if method in ("dare_linear", "dare_ties"):
-        dropped = torch.stack([dare(d[m], density, dare_generator(seed, name, m)) for m in range(d.shape[0])])
-        if method == "dare_ties":
-            return ties(dropped, weights, 1.0)
-        w = torch.tensor(list(weights), dtype=d.dtype, device=d.device)
-        return (w[:, None] * dropped).sum(0)
+        if generators is None or len(generators) != d.shape[0]:
+            raise ValueError("dare needs one generator per model (see dare_generator).")
+        dropped = torch.stack([dare(d[m], density, generators[m]) for m in range(d.shape[0])])
+        return _ties_block(dropped, w) if method == "dare_ties" else (w * dropped).sum(0)
     if method == "negmerge":
         return -negmerge(d)
     raise ValueError(f"{method!r} is not an element-wise method {ELEMENTWISE}.")
+
+
+def elementwise_task_vector(
+    method: str, d: torch.Tensor, weights: Sequence[float], *, density: float, seed: int, name: str
+) -> torch.Tensor:
+    """The merged task vector (n,) of one whole tensor's task vectors d (M, n); see `combine_chunk`.
+
+    TIES trims each row of d to its own top density (per tensor); DARE's masks come from
+    `dare_generator(seed, name, m)`.
+    """
+    if method == "ties":
+        return ties(d, weights, density)
+    generators = [dare_generator(seed, name, m) for m in range(d.shape[0])]
+    return combine_chunk(method, d, weights, density=density, generators=generators)
+
+
+# ----------------------------------------------------------------------------- streamed top-k
+
+
+def _key_dtype(dtype: torch.dtype) -> torch.dtype:
+    keys = {torch.float32: torch.int32, torch.float64: torch.int64}
+    if dtype not in keys:
+        raise ValueError(f"top-k selection runs on float32 or float64 task vectors, got {dtype}.")
+    return keys[dtype]
+
+
+class TopKByMagnitude:
+    """Exactly the k_m largest |d_m| entries of each model m, over data seen in chunks, in passes.
+
+    TIES trims each task vector to its top `density` fraction by magnitude. Over the whole model (the
+    paper's own trim) that needs the k-th largest of billions of entries without holding them: a radix
+    select. A non-negative IEEE float orders like its bit pattern read as an integer, so each pass
+    histograms the next 16 bits of the keys that share the prefix found so far: float32 takes 2 passes,
+    float64 4, and memory is 65536 counts per model. The result is a threshold key T_m with
+    `above_m` entries strictly above it and `ties_m` = k_m - above_m entries equal to it still to keep;
+    `keep` takes those in the order the chunks are shown (tensor order, then index order), exactly as
+    `trim_top_density` does within one tensor.
+
+    Usage: for each pass in range(self.passes): call `observe(d)` on every chunk (M, n), then
+    `end_pass()`. Then `keep(d)` on every chunk, in the same order, gives the (M, n) bool mask.
+    """
+
+    DIGIT = 16
+
+    def __init__(self, k: Sequence[int], dtype: torch.dtype = torch.float32):
+        self.k = [int(x) for x in k]
+        if any(x < 0 for x in self.k):
+            raise ValueError(f"k={self.k} must be >= 0.")
+        self.key_dtype = _key_dtype(dtype)
+        bits = torch.iinfo(self.key_dtype).bits
+        self.shifts = list(range(bits - self.DIGIT, -1, -self.DIGIT))
+        self.passes = len(self.shifts)
+        self.pass_index = 0
+        self.prefix = [0] * len(self.k)  # the digits of the threshold key found so far
+        self.remaining = list(self.k)  # entries still to find at or below the current prefix
+        self.hist = torch.zeros(len(self.k), 1 << self.DIGIT, dtype=torch.int64)
+        self.ties_left: list[int] | None = None
+
+    def _keys(self, d: torch.Tensor) -> torch.Tensor:
+        return d.abs().contiguous().view(self.key_dtype)
+
+    def observe(self, d: torch.Tensor) -> None:
+        """Count the chunk d (M, n) into this pass's histograms."""
+        if self.pass_index >= self.passes:
+            raise RuntimeError("all selection passes are done; call keep().")
+        keys, shift = self._keys(d), self.shifts[self.pass_index]
+        for m, key in enumerate(keys):
+            if self.remaining[m] <= 0:
+                continue
+            if self.pass_index > 0:  # only keys under the prefix found by the previous passes
+                key = key[(key >> (shift + self.DIGIT)) == self.prefix[m]]
+            digit = ((key >> shift) & ((1 << self.DIGIT) - 1)).long()
+            self.hist[m] += torch.bincount(digit.cpu(), minlength=1 << self.DIGIT)
+
+    def end_pass(self) -> None:
+        """Fix the next digit of each threshold: the bucket where the count from the top reaches k."""
+        for m in range(len(self.k)):
+            if self.remaining[m] <= 0:
+                continue
+            counts = self.hist[m].flip(0)  # from the largest digit down
+            total = counts.cumsum(0)
+            if int(total[-1]) < self.remaining[m]:
+                raise ValueError(f"k={self.k[m]} is larger than the number of entries seen.")
+            index = int(torch.searchsorted(total, self.remaining[m]))  # first bucket reaching k
+            above = int(total[index] - counts[index])
+            self.remaining[m] -= above
+            self.prefix[m] = (self.prefix[m] << self.DIGIT) | ((1 << self.DIGIT) - 1 - index)
+        self.hist.zero_()
+        self.pass_index += 1
+        if self.pass_index == self.passes:
+            self.ties_left = list(self.remaining)
+
+    def keep(self, d: torch.Tensor) -> torch.Tensor:
+        """The (M, n) mask of the chunk's kept entries; chunks must come in the order they were observed."""
+        if self.ties_left is None:
+            raise RuntimeError(f"keep() before the {self.passes} selection passes are done.")
+        keys = self._keys(d)
+        mask = torch.zeros(keys.shape, dtype=torch.bool, device=d.device)
+        for m, key in enumerate(keys):
+            if self.k[m] == 0:
+                continue
+            threshold = torch.tensor(self.prefix[m], dtype=self.key_dtype, device=d.device)
+            mask[m] = key > threshold
+            if self.ties_left[m] > 0:
+                tied = (key == threshold).nonzero().flatten()[: self.ties_left[m]]
+                mask[m, tied] = True
+                self.ties_left[m] -= int(tied.numel())
+        return mask
+
+
+def trim_count(numel: int, density: float) -> int:
+    """k = round(density * numel) entries kept by a trim, at least 1 when density > 0 (so a small density
+    never drops a whole task vector, mergekit's gap), 0 at density 0."""
+    if not 0.0 <= density <= 1.0:
+        raise ValueError(f"density={density} must be in [0, 1] (the fraction of entries kept).")
+    if density == 0.0 or numel == 0:
+        return 0
+    return min(numel, max(1, round(density * numel)))
