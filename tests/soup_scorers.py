@@ -25,3 +25,12 @@ def table_score(folder: Path) -> float:
     key = ",".join(ingredients(folder))
     CALLS.append(key)
     return TABLE[key]
+
+
+def positive_fraction(prompts, completions, completion_ids, **_) -> list[float]:
+    """A frontier reward (TRL's signature): the fraction of a completion's tokens that are the ten positive
+    words the hand-made frontier policies of tests/test_frontier_cli.py push up (bias-b: logit bias b)."""
+    from tests.test_frontier_cli import POSITIVE
+
+    positive = set(POSITIVE)
+    return [sum(t in positive for t in ids) / max(len(ids), 1) for ids in completion_ids]

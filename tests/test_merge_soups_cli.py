@@ -126,6 +126,9 @@ def test_cli_greedy_soup_with_scorer_follows_the_docstring_example(tiny_model_fa
 
 
 def test_cli_greedy_soup_scored_by_a_frontier_evaluation(frontier_models, tmp_path):
+    """bias-2 and bias-6 differ only in a logit bias on ten positive words, so their soup is bias-4 exactly.
+    Score = positive-token fraction - 0.04 KL; measured: bias-2 0.000 - 0.04 x 0.015, bias-6 0.104 - 0.04 x
+    4.5, bias-4 0.021 - 0.04 x 0.35: the soup beats both and is kept (the trade-off, not luck)."""
     from warpkit.frontier_config import PolicySpec, load_frontier_config
     from warpkit.frontier_run import run_frontier
 
@@ -134,7 +137,7 @@ def test_cli_greedy_soup_scored_by_a_frontier_evaluation(frontier_models, tmp_pa
         json.dumps(
             {
                 "reference": str(frontier_models / "sft"),
-                "reward": "warpkit.default:vader_reward",
+                "reward": "tests.soup_scorers:positive_fraction",
                 "prompts": PROMPTS,
                 "samples_per_prompt": 2,
                 "max_new_tokens": 6,
@@ -143,14 +146,19 @@ def test_cli_greedy_soup_scored_by_a_frontier_evaluation(frontier_models, tmp_pa
             }
         )  # JSON is YAML; no policies: the scorer evaluates each candidate alone
     )
-    candidates = [frontier_models / n for n in ("noisy/checkpoint-300", "bias-6")]
+    candidates = [frontier_models / n for n in ("bias-6", "bias-2")]
     out = tmp_path / "soup"
-    kl_coef = 0.05
+    kl_coef = 0.04
     argv = ["merge", "--method", "greedy_soup", "--models", *map(str, candidates), "--out", str(out),
             "--score-config", str(score_config), "--kl-coef", str(kl_coef), "--no-progress"]  # fmt: skip
     assert main(argv) == 0
     record = json.loads((out / SOUP_RECORD).read_text())
-    assert len(record["steps"]) == 2 and record["scorer"].startswith("frontier_scorer(")
+    assert record["scorer"].startswith("frontier_scorer(") and "kl_coef=0.04" in record["scorer"]
+    assert [Path(p).name for p in record["order"]] == ["bias-2", "bias-6"]
+    assert [s["kept"] for s in record["steps"]] == [True, True]
+    got, bias4 = _load(out), _load(frontier_models / "bias-4")
+    for n in bias4:
+        torch.testing.assert_close(got[n], bias4[n], msg=n)
 
     # A separate frontier evaluation of the same weights: the candidates, each scored mixture rebuilt,
     # and the output folder, all in one run (common random numbers: each policy sees the same draws).
