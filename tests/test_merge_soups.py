@@ -49,7 +49,14 @@ def test_greedy_soup_keeps_best_single_model_when_nothing_helps(tiny_model_facto
     result = greedy_soup([a, b], lambda f: 0.0, tmp_path / "soup", scores=[1.0, 0.5])
     assert result.ingredients == [a] and result.score == 1.0
     assert (tmp_path / "soup" / "model.safetensors").read_bytes() == (a / "model.safetensors").read_bytes()
-    with pytest.raises(ValueError, match="2 scores for 1 models"):
+    record = json.loads((tmp_path / "soup" / "warpkit_soup.json").read_text())  # written before the rename
+    assert record["ingredients"] == [str(a)] and [s["kept"] for s in record["steps"]] == [True, False]
+    assert not [p for p in tmp_path.iterdir() if ".soup-" in p.name]
+    with pytest.raises(ValueError, match="already exists"):
+        greedy_soup([a, b], lambda f: 0.0, tmp_path / "soup", scores=[1.0, 0.5])
+    greedy_soup([a, b], lambda f: 2.0, tmp_path / "soup", scores=[1.0, 0.5], overwrite=True)
+    assert json.loads((tmp_path / "soup" / "warpkit_soup.json").read_text())["score"] == 2.0
+    with pytest.raises(ValueError, match="2 scores for 1 models; give one"):
         greedy_soup([a], lambda f: 0.0, tmp_path / "x", scores=[1.0, 2.0])
 
 

@@ -22,6 +22,8 @@ _LAZY: dict[str, str] = {
     "MergeReport": "warpkit.merge_io",
     "greedy_soup": "warpkit.soups",
     "uniform_soup": "warpkit.soups",
+    "warm": "warpkit.soups",
+    "frontier_scorer": "warpkit.soups",
     "FrontierConfig": "warpkit.frontier_config",
     "load_frontier_config": "warpkit.frontier_config",
     "run_frontier": "warpkit.frontier_run",

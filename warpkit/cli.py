@@ -141,29 +141,47 @@ _MERGE_KEYS = (
     "trim_scope",
     "seed",
     "normalize",
+    "scorer",
+    "score_config",
+    "kl_coef",
+    "scores",
 )
+# Soups average the models themselves (no init): the first model supplies config and tokenizer.
+_SOUP_METHODS = ("soup", "greedy_soup", "warm")
 _METHODS = (
     "slerp", "lerp", "linear", "task_arithmetic", "model_stock", "karcher",
-    "ties", "dare_linear", "dare_ties", "negmerge",
+    "ties", "dare_linear", "dare_ties", "negmerge", *_SOUP_METHODS,
 )  # fmt: skip
+_GREEDY_KEYS = ("scorer", "score_config", "kl_coef", "scores")  # greedy_soup's own settings
 
 
 def _merge_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "merge",
-        help="merge fine-tunes of one init: WARP's SLERP of task vectors, LITI, and the merge toolbox",
+        help="merge fine-tunes of one init: WARP's SLERP, LITI, the merge toolbox, soups and WARM",
         description="Merge save_pretrained folders or peft LoRA adapters of one init, streaming tensor by "
         "tensor, into a new save_pretrained folder (config, tokenizer and a recipe with input hashes "
-        "carried). Settings come from --config YAML (same keys, with underscores) and/or the flags; "
-        "flags win.",
+        "carried). Soups (soup, greedy_soup) and WARM (warm: reward models) need no --init: the first "
+        "model supplies config and tokenizer. Settings come from --config YAML (same keys, with "
+        "underscores) and/or the flags; flags win.",
     )
     p.add_argument(
         "--config", default=None, help="YAML recipe with the keys below (e.g. configs/merge_slerp.yaml)"
     )
-    p.add_argument("--method", choices=_METHODS, default=None, help="default slerp (WARP)")
-    p.add_argument("--init", default=None, help="the models' common init (save_pretrained folder)")
     p.add_argument(
-        "--models", nargs="+", default=None, help="fine-tuned folders or LoRA adapter folders (>= 2)"
+        "--method",
+        choices=_METHODS,
+        default=None,
+        help="default slerp (WARP); soup: (weighted) average, greedy_soup: scored, warm: reward models",
+    )
+    p.add_argument(
+        "--init", default=None, help="the models' common init (save_pretrained folder); not for soups"
+    )
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        help="fine-tuned folders or LoRA adapter folders (soups: full folders; warm: reward models)",
     )
     p.add_argument("--out", default=None, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--weights", type=float, nargs="+", default=None, help="one per model; default uniform")
@@ -204,15 +222,37 @@ def _merge_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="linear: sum w*theta as is",
     )
+    p.add_argument(
+        "--scorer",
+        default=None,
+        metavar="MODULE:FUNCTION",
+        help="greedy_soup: a callable folder -> float, higher is better (e.g. validation accuracy)",
+    )
+    p.add_argument(
+        "--score-config",
+        default=None,
+        metavar="FRONTIER_YAML",
+        help="greedy_soup: score = mean reward of a frontier evaluation (its reference, reward, prompts, "
+        "sampling; its policies are ignored) minus --kl-coef x KL",
+    )
+    p.add_argument(
+        "--kl-coef", type=float, default=None, help="with --score-config: the KL penalty beta (default 0)"
+    )
+    p.add_argument(
+        "--scores",
+        type=float,
+        nargs="+",
+        default=None,
+        help="greedy_soup: precomputed candidate scores, one per model (skips scoring them)",
+    )
     p.add_argument("--no-hash", action="store_true", help="do not record the inputs' sha256 in the recipe")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_merge)
 
 
-def _merge(args: argparse.Namespace) -> int:
+def _merge_settings(args: argparse.Namespace) -> dict:
+    """--config YAML overlaid with the flags that were given (flags win); unknown YAML keys refused."""
     import yaml
-
-    from warpkit.merge_io import merge_folders
 
     settings: dict = {}
     if args.config:
@@ -226,27 +266,134 @@ def _merge(args: argparse.Namespace) -> int:
     for key in _MERGE_KEYS:
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
-    missing = [k for k in ("init", "models", "out") if not settings.get(k)]
+    return settings
+
+
+def _check_merge_combination(method: str, settings: dict) -> None:
+    """Refuse flags that the method would ignore or misread, before anything is loaded."""
+    soup = method in _SOUP_METHODS
+    required = ("models", "out") if soup else ("init", "models", "out")
+    missing = [k for k in required if not settings.get(k)]
     if missing:
         raise SystemExit(
             f"warpkit merge: missing {', '.join('--' + k for k in missing)} (flags or --config)."
         )
-    method = settings.pop("method", "slerp")
+    if method not in _METHODS:
+        raise SystemExit(f"warpkit merge: method {method!r} is not one of {list(_METHODS)}.")
+    given = [k for k in _GREEDY_KEYS if settings.get(k) is not None]
+    if method != "greedy_soup" and given:
+        raise SystemExit(
+            f"warpkit merge: {', '.join('--' + k.replace('_', '-') for k in given)} only apply to "
+            f"--method greedy_soup, not {method}; drop them or use greedy_soup."
+        )
+    if soup and settings.get("init"):
+        raise SystemExit(
+            f"warpkit merge: --method {method} takes no --init ({settings['init']}): a soup averages the "
+            "models themselves and the first one supplies config and tokenizer. Drop --init, or list the "
+            "model whose config and tokenizer you want first."
+        )
+    if soup:
+        extra = [k for k in ("liti_eta", "allow_extrapolation", "granularity") if settings.get(k) is not None]
+        if extra:
+            raise SystemExit(
+                f"warpkit merge: {', '.join('--' + k.replace('_', '-') for k in extra)} do not apply to "
+                f"--method {method} (a plain average, with no init to interpolate towards); drop them."
+            )
+    if method == "greedy_soup":
+        if bool(settings.get("scorer")) == bool(settings.get("score_config")):
+            both = "both" if settings.get("scorer") else "neither"
+            raise SystemExit(
+                f"warpkit merge: greedy_soup needs exactly one of --scorer MODULE:FUNCTION (a callable "
+                f"folder -> float) or --score-config FRONTIER_YAML (mean reward of a frontier evaluation); "
+                f"got {both}."
+            )
+        if settings.get("kl_coef") is not None and not settings.get("score_config"):
+            raise SystemExit(
+                "warpkit merge: --kl-coef is the KL penalty of a --score-config frontier evaluation; a "
+                "--scorer function computes its own score. Drop --kl-coef or use --score-config."
+            )
+        if settings.get("weights") is not None:
+            raise SystemExit(
+                "warpkit merge: greedy_soup averages its ingredients uniformly and takes no --weights; "
+                "use --method soup --weights for a weighted soup."
+            )
+        scores, models = settings.get("scores"), settings["models"]
+        if scores is not None and len(scores) != len(models):
+            raise SystemExit(
+                f"warpkit merge: --scores has {len(scores)} values for {len(models)} --models; give one "
+                "precomputed score per model, in the same order, or drop --scores."
+            )
+
+
+def _greedy_scorer(settings: dict):
+    """The scorer of a greedy soup: an imported callable, or a frontier evaluation."""
+    if settings.get("scorer"):
+        from warpkit.frontier_inputs import import_object
+
+        scorer = import_object(settings["scorer"], "--scorer")
+        if not callable(scorer):
+            raise ValueError(
+                f"--scorer {settings['scorer']!r} is not callable; it must be a folder -> float."
+            )
+        return scorer
+    from warpkit.soups import frontier_scorer
+
+    try:  # loaded now, so a bad frontier YAML fails before any candidate is merged
+        return frontier_scorer(settings["score_config"], kl_coef=settings.get("kl_coef") or 0.0)
+    except TypeError as e:  # a field of the wrong type in the YAML
+        raise ValueError(f"--score-config {settings['score_config']}: {e}") from e
+
+
+def _merge_soup(method: str, settings: dict, common: dict) -> str:
+    """soup, warm or greedy_soup; returns the one-line summary."""
+    import time
+
+    from warpkit.soups import greedy_soup, uniform_soup, warm
+
+    t0 = time.perf_counter()
+    models, out = settings.pop("models"), settings.pop("out")
+    greedy = {k: settings.pop(k, None) for k in _GREEDY_KEYS}
+    if method == "greedy_soup":
+        result = greedy_soup(
+            models, _greedy_scorer(greedy), out, scores=greedy["scores"], **common, **settings
+        )
+        for candidate, value, kept in result.history:
+            print(f"  {'kept   ' if kept else 'dropped'} {candidate}: soup score {value:.6g}")
+        return (
+            f"{result.out} (greedy_soup of {len(result.ingredients)}/{len(models)} models, score "
+            f"{result.score:.6g}, {time.perf_counter() - t0:.1f} s)"
+        )
+    merge = warm if method == "warm" else uniform_soup
+    path = merge(models, out, settings.pop("weights", None), **common, **settings)
+    what = "reward models" if method == "warm" else "models"
+    return f"{path} ({method} of {len(models)} {what}, {time.perf_counter() - t0:.1f} s)"
+
+
+def _merge(args: argparse.Namespace) -> int:
+    import math
+
+    from warpkit.merge_io import merge_folders
+
+    settings = _merge_settings(args)
+    method = settings.pop("method", None) or "slerp"
+    _check_merge_combination(method, settings)
+    common = {"progress": not args.no_progress, "hash_inputs": not args.no_hash}
     try:
+        if method in _SOUP_METHODS:
+            settings.pop("init", None)
+            print(_merge_soup(method, settings, common))
+            return 0
         report = merge_folders(
             method,
             settings.pop("init"),
             settings.pop("models"),
             settings.pop("out"),
             settings.pop("weights", None),
-            progress=not args.no_progress,
-            hash_inputs=not args.no_hash,
+            **common,
             **settings,
         )
     except ValueError as e:
         raise SystemExit(f"warpkit merge: {e}") from e
-    import math
-
     angles = [
         s.angles_deg[-1] for s in report.stats.values() if s.angles_deg and math.isfinite(s.angles_deg[-1])
     ]

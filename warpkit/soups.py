@@ -1,24 +1,46 @@
 """Model soups (Wortsman et al. 2022) and WARM (Ramé et al. 2024) over `save_pretrained` folders.
 
 A soup is a weighted average of fine-tunes of one init: `merge_folders("linear", ...)`. The greedy soup
-sorts the candidates by a validation score and adds each one only if the soup's score improves. WARM is
-the same average applied to reward models (any architecture, sequence-classification heads included:
-the merge engine is tensor-name based), so its result is usable as the reward model of a run.
+sorts the candidates by a validation score and adds each one only if the soup's score improves; the score
+is any callable `folder -> float`, e.g. `frontier_scorer`: the candidate's mean reward (minus a KL
+penalty) under a frontier evaluation. WARM is the same average applied to reward models (sequence-
+classification heads included: the merge engine is tensor-name based), so its result is usable as the
+reward model of a run (`reward_funcs: [folder]`) or of a frontier (`reward: folder`).
 """
 
 from __future__ import annotations
 
+import copy
+import json
+import math
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from warpkit.merge_io import merge_folders
 
-__all__ = ["SoupResult", "greedy_soup", "uniform_soup"]
+if TYPE_CHECKING:
+    from warpkit.frontier_config import FrontierConfig
 
+__all__ = [
+    "SOUP_RECORD",
+    "FrontierScorer",
+    "SoupResult",
+    "check_reward_model",
+    "frontier_scorer",
+    "greedy_soup",
+    "uniform_soup",
+    "warm",
+]
+
+SOUP_RECORD = "warpkit_soup.json"  # the greedy soup's history, written inside its output folder
 Scorer = Callable[[Path], float]
+# Files that make a folder loadable by AutoTokenizer (TRL and the frontier load a reward model's tokenizer
+# from the reward model's own folder).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
 @dataclass
@@ -29,19 +51,206 @@ class SoupResult:
     ingredients: list[Path]
     score: float
     history: list[tuple[str, float, bool]] = field(default_factory=list)  # (candidate, soup score, kept)
+    candidate_scores: list[float] = field(default_factory=list)  # one per input model, input order
+
+
+def _read_config(path: Path, what: str) -> dict:
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        raise ValueError(
+            f"{what} {path} is a LoRA adapter: a soup averages full models, and an adapter's weights only "
+            "mean something on top of its base. Merge it first (`PeftModel.from_pretrained(base, path)"
+            ".merge_and_unload().save_pretrained(out)`) and pass out."
+        )
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{what} {path} is not a save_pretrained folder (no config.json); check the path.")
+    return json.loads((path / "config.json").read_text())
+
+
+def _check_soup_inputs(paths: Sequence[Path], what: str = "model") -> None:
+    """Full folders of one architecture, checked from config.json alone: before any (costly) scoring."""
+    configs = [_read_config(p, what) for p in paths]
+    for p, c in zip(paths[1:], configs[1:], strict=True):
+        for key in ("model_type", "architectures"):
+            if c.get(key) != configs[0].get(key):
+                raise ValueError(
+                    f"{what} {p} has {key}={c.get(key)!r} but {paths[0]} has {configs[0].get(key)!r}: a soup "
+                    "averages fine-tunes of one init, which share one architecture."
+                )
 
 
 def uniform_soup(
     models: Sequence[str | Path], out: str | Path, weights: Sequence[float] | None = None, **merge_kwargs
 ) -> Path:
-    """Uniform (or weighted) soup: sum_m w_m theta_m / sum w. The first model supplies config and tokenizer.
+    """Uniform (or weighted) soup: theta = sum_m w_m theta_m / sum_m w_m. The first model supplies config
+    and tokenizer. Example: weights (1, 3) give 0.25 theta_1 + 0.75 theta_2.
 
-    For WARM pass reward-model folders; `merge_kwargs` go to `merge_folders` (dtype, max_shard_size, ...).
+    `merge_kwargs` go to `merge_folders` (dtype, max_shard_size, compute_dtype, ...). For reward models use
+    `warm`, which checks that every input is one.
     """
     paths = [Path(m) for m in models]
     if len(paths) < 2:
         raise ValueError(f"a soup needs at least 2 models, got {len(paths)}.")
+    _check_soup_inputs(paths)
+    # The first model doubles as merge_folders' init: linear's normalised coefficients give it weight 0
+    # as the init, so only its config and tokenizer come from that role.
     return merge_folders("linear", paths[0], paths, out, weights, **merge_kwargs).out
+
+
+# ----------------------------------------------------------------------------- WARM
+
+
+def _num_labels(config: dict) -> int:
+    # As transformers' PretrainedConfig: id2label wins; without it, num_labels, defaulting to 2.
+    if config.get("id2label"):
+        return len(config["id2label"])
+    return int(config.get("num_labels") or 2)
+
+
+def check_reward_model(path: str | Path) -> None:
+    """Refuse anything that is not a one-output sequence-classification model (a scalar reward r(x, y)).
+
+    Read from config.json: `architectures` must end in "ForSequenceClassification" and the number of labels
+    (len(id2label), else num_labels, else 2, as transformers derives it) must be 1.
+    """
+    path = Path(path)
+    config = _read_config(path, "reward model")
+    archs = config.get("architectures") or []
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise ValueError(
+            f"reward model {path} has architectures={archs}, not a *ForSequenceClassification model: WARM "
+            "averages reward models, whose head maps a sequence to one score. To average policies (causal "
+            "LMs) use `warpkit merge --method soup`; to build a reward model, fine-tune "
+            "AutoModelForSequenceClassification with num_labels=1 (e.g. TRL's RewardTrainer)."
+        )
+    n = _num_labels(config)
+    if n != 1:
+        raise ValueError(
+            f"reward model {path} has {n} labels (architectures={archs}): a reward model outputs one "
+            "score, num_labels=1. A multi-label classifier's logits are not a reward; retrain the head with "
+            "num_labels=1 (TRL's RewardTrainer does)."
+        )
+
+
+def warm(
+    reward_models: Sequence[str | Path],
+    out: str | Path,
+    weights: Sequence[float] | None = None,
+    **merge_kwargs: Any,
+) -> Path:
+    """WARM (Ramé et al. 2024, arXiv 2401.12187): r_WARM = r(., sum_m w_m phi_m / sum_m w_m), the weight
+    average of M reward models phi_m fine-tuned from one shared init (score head included).
+
+    Every input must be a one-label `*ForSequenceClassification` folder (see `check_reward_model`), and
+    the first must hold a tokenizer: it is carried into `out`, where TRL (`reward_funcs: [out]`) and the
+    frontier (`reward: out`) load it. Example: two reward models whose score heads are (1, 3) and (3, 5)
+    give a head (2, 4) with uniform weights. Returns `out`.
+    """
+    paths = [Path(m) for m in reward_models]
+    if len(paths) < 2:
+        raise ValueError(f"WARM averages at least 2 reward models, got {len(paths)}.")
+    for p in paths:
+        check_reward_model(p)
+    if not any((paths[0] / f).is_file() for f in _TOKENIZER_FILES):
+        raise ValueError(
+            f"reward model {paths[0]} (the first, whose files are carried) has no tokenizer: the WARM folder "
+            "would not load as a reward (TRL reads the tokenizer from it). Save the reward models' tokenizer "
+            "there (`tokenizer.save_pretrained(folder)`) or list a reward model that has one first."
+        )
+    return uniform_soup(paths, out, weights, **merge_kwargs)
+
+
+# ----------------------------------------------------------------------------- frontier scorer
+
+
+class FrontierScorer:
+    """`folder -> reward_mean - kl_coef * KL_mean` from one frontier evaluation of the folder.
+
+    The RLHF objective E[r(x, y)] - beta KL(pi || pi_sft) (beta = `kl_coef`) estimated with the
+    frontier's sampler: the config's reference, reward, prompts and sampling settings (temperature,
+    max_new_tokens, seed: common random numbers, so two candidates see the same draws), its KL estimator
+    `front_kl`. Its `policies` are ignored (replaced by the candidate) and the reference is not evaluated.
+    Results are cached per folder path and the size and mtime of its files, so a folder rewritten in place
+    is evaluated again. `rows[str(folder)]` keeps the full frontier row of the last evaluation.
+    """
+
+    def __init__(self, config: FrontierConfig, *, kl_coef: float = 0.0, progress: bool = False) -> None:
+        if not (math.isfinite(kl_coef) and kl_coef >= 0):
+            raise ValueError(
+                f"kl_coef={kl_coef} must be finite and >= 0: it is the KL penalty beta of "
+                "reward - beta * KL (0: plain mean reward)."
+            )
+        self.config = copy.deepcopy(config)
+        self.config.policies = []
+        self.config.include_reference = False
+        self.kl_coef = float(kl_coef)
+        self.progress = progress
+        self.rows: dict[str, dict[str, Any]] = {}
+        self._cache: dict[tuple, float] = {}
+        self.description = (
+            f"frontier_scorer(reward={self.config.reward!r}, reference={self.config.reference!r}, "
+            f"kl_coef={self.kl_coef:g}, kl={self.config.front_kl})"
+        )
+
+    def objective(self, row: dict[str, Any]) -> float:
+        """reward_mean - kl_coef * <front_kl>_mean of one frontier row (no KL term when kl_coef is 0)."""
+        if self.kl_coef == 0.0:
+            return float(row["reward_mean"])
+        return float(row["reward_mean"]) - self.kl_coef * float(row[f"{self.config.front_kl}_mean"])
+
+    def __call__(self, folder: str | Path) -> float:
+        from warpkit.frontier_config import PolicySpec
+        from warpkit.frontier_run import run_frontier
+
+        folder = Path(folder).resolve()
+        if not folder.is_dir():
+            raise ValueError(f"cannot score {folder}: not a folder.")
+        key = (str(folder), tuple((p.name, *_stat(p)) for p in sorted(folder.iterdir()) if p.is_file()))
+        if key in self._cache:
+            return self._cache[key]
+        config = copy.deepcopy(self.config)
+        config.policies = [PolicySpec(name="candidate", method="soup", path=str(folder))]
+        (row,) = run_frontier(config, progress=self.progress).points
+        value = self.objective(row)
+        if not math.isfinite(value):
+            raise ValueError(
+                f"the frontier evaluation of {folder} gave a non-finite score {value} (reward_mean "
+                f"{row['reward_mean']}, {row['num_reward_skipped']} rewards skipped): a greedy soup cannot "
+                "rank it. Check the reward (on_nan_reward: skip drops NaN rewards from the mean)."
+            )
+        self.rows[str(folder)] = row
+        self._cache[key] = value
+        return value
+
+
+def _stat(p: Path) -> tuple[int, int]:
+    s = p.stat()
+    return s.st_size, s.st_mtime_ns
+
+
+def frontier_scorer(
+    config: FrontierConfig | str | Path, *, kl_coef: float = 0.0, progress: bool = False
+) -> FrontierScorer:
+    """A greedy-soup scorer from a frontier config (a `FrontierConfig` or its YAML file; `policies` may be
+    empty, they are ignored): see `FrontierScorer`.
+
+    Example: `greedy_soup(runs, frontier_scorer("frontier.yaml", kl_coef=0.1), "soup")` keeps a run only
+    if the soup's mean reward minus 0.1 x its KL to the reference (nats per completion) improves.
+    """
+    from warpkit.frontier_config import FrontierConfig, load_frontier_config
+
+    if not isinstance(config, FrontierConfig):
+        config = load_frontier_config(config)
+    return FrontierScorer(config, kl_coef=kl_coef, progress=progress)
+
+
+# ----------------------------------------------------------------------------- greedy soup
+
+
+def _describe(score: Scorer) -> str:
+    described = getattr(score, "description", None)
+    if isinstance(described, str):
+        return described
+    return f"{getattr(score, '__module__', '?')}:{getattr(score, '__qualname__', type(score).__name__)}"
 
 
 def greedy_soup(
@@ -52,38 +261,67 @@ def greedy_soup(
     scores: Sequence[float] | None = None,
     **merge_kwargs,
 ) -> SoupResult:
-    """Greedy soup: candidates sorted by `scores` (or `score(folder)`, higher is better), the best one is
-    the start, and each next one joins only if `score` of the uniform soup strictly improves.
+    """Greedy soup (Wortsman et al. 2022, recipe 1): candidates sorted by `scores` (or `score(folder)`,
+    higher is better), the best one is the start, and each next one joins only if `score` of the uniform
+    soup strictly improves.
 
-    score: e.g. a validation accuracy or a mean reward from a frontier evaluation of a folder.
+    score: e.g. a validation accuracy, or `frontier_scorer(...)` (mean reward minus a KL penalty).
+    scores: precomputed candidate scores, one per model (saves one evaluation each).
     Example: candidate scores (0.7, 0.9, 0.8) -> order B, C, A; the soup starts as B (0.9); {B, C} scores
     0.92 > 0.9: kept; {B, C, A} scores 0.91: A left out. Result: the soup of B and C, score 0.92.
+    The history (order, every score, kept flags, ingredients) is written to `out/warpkit_soup.json`; the
+    folder appears at `out` only when complete. `merge_kwargs` go to `merge_folders` (`overwrite=True`
+    replaces an existing `out`).
     """
     paths = [Path(m) for m in models]
     if not paths:
         raise ValueError("greedy_soup needs at least one model.")
     out = Path(out)
-    if out.exists():
-        raise ValueError(f"out={out} already exists; remove it first.")
+    overwrite = bool(merge_kwargs.pop("overwrite", False))
+    merge_kwargs.setdefault("progress", False)
+    if out.exists() and not overwrite:
+        raise ValueError(
+            f"out={out} already exists; remove it first (or pass overwrite=True; CLI --overwrite)."
+        )
+    if scores is not None and len(scores) != len(paths):
+        raise ValueError(
+            f"got {len(scores)} scores for {len(paths)} models; give one precomputed score per model, in "
+            "the models' order, or none (each candidate is then scored)."
+        )
+    _check_soup_inputs(paths)
     if scores is None:
         scores = [float(score(p)) for p in paths]
-    if len(scores) != len(paths):
-        raise ValueError(f"got {len(scores)} scores for {len(paths)} models.")
+    scores = [float(s) for s in scores]
+    if any(math.isnan(s) for s in scores):
+        raise ValueError(f"candidate scores {scores} contain NaN: they cannot be sorted; fix the scorer.")
     order = sorted(range(len(paths)), key=lambda i: -scores[i])
-    ingredients, best = [paths[order[0]]], float(scores[order[0]])
+    ingredients, best = [paths[order[0]]], scores[order[0]]
     result = SoupResult(
-        out=out, ingredients=ingredients, score=best, history=[(str(ingredients[0]), best, True)]
+        out=out,
+        ingredients=ingredients,
+        score=best,
+        history=[(str(ingredients[0]), best, True)],
+        candidate_scores=scores,
     )
+    steps = [{"candidate": str(paths[order[0]]), "soup": [str(paths[order[0]])], "score": best, "kept": True}]
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.soup-", dir=out.parent))  # same filesystem: rename
     try:
         best_folder: Path | None = None
         for step, i in enumerate(order[1:]):
             candidate = work / f"step{step}"
-            uniform_soup([*ingredients, paths[i]], candidate, progress=False, **merge_kwargs)
+            uniform_soup([*ingredients, paths[i]], candidate, **merge_kwargs)
             value = float(score(candidate))
-            kept = value > best
+            kept = value > best  # NaN never improves
             result.history.append((str(paths[i]), value, kept))
+            steps.append(
+                {
+                    "candidate": str(paths[i]),
+                    "soup": [str(p) for p in (*ingredients, paths[i])],
+                    "score": value,
+                    "kept": kept,
+                }
+            )
             if kept:
                 ingredients.append(paths[i])
                 best = value
@@ -93,9 +331,22 @@ def greedy_soup(
             else:
                 shutil.rmtree(candidate)
         if best_folder is None:  # no mixture beat the best single model: the soup is that model
-            shutil.copytree(ingredients[0], out)
-        else:
-            best_folder.rename(out)
+            best_folder = Path(shutil.copytree(ingredients[0], work / "single"))
+        record = {
+            "warpkit_soup": 1,
+            "method": "greedy_soup",
+            "scorer": _describe(score),
+            "candidates": [{"path": str(p), "score": s} for p, s in zip(paths, scores, strict=True)],
+            "order": [str(paths[i]) for i in order],
+            "steps": steps,
+            "ingredients": [str(p) for p in ingredients],
+            "score": best,
+        }
+        # Inside the folder before the rename: the soup and its history appear together or not at all.
+        (best_folder / SOUP_RECORD).write_text(json.dumps(record, indent=2, allow_nan=True) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        best_folder.rename(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result.ingredients, result.score = ingredients, best
