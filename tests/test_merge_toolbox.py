@@ -416,7 +416,14 @@ def test_elementwise_methods_do_not_depend_on_the_chunk_size(trio, tmp_path):
         tag = method + kwargs.get("trim_scope", "")
         one = _state(merge_folders(method, init, [a, b], tmp_path / f"{tag}1", progress=False, **kwargs).out)
         two = merge_folders(
-            method, init, [a, b], tmp_path / f"{tag}2", chunk_numel=2048, cache_size=0, progress=False, **kwargs
+            method,
+            init,
+            [a, b],
+            tmp_path / f"{tag}2",
+            chunk_numel=2048,
+            cache_size=0,
+            progress=False,
+            **kwargs,
         )
         assert all(torch.equal(one[n], t) for n, t in _state(two.out).items()), method
 
