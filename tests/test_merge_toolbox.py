@@ -326,6 +326,20 @@ def test_topk_by_magnitude_is_a_stable_sort_cut(dtype):
         _select(d[:1], [n + 1], [0, n])
 
 
+def test_topk_by_magnitude_docstring_example():
+    tensors = [T([[3.0, -1.0]]), T([[2.0, -5.0, 3.0]])]
+    for k, expected in (
+        (3, [[True, False], [False, True, True]]),
+        (2, [[True, False], [False, True, False]]),
+    ):
+        selector = TopKByMagnitude([k])
+        for _ in range(selector.passes):
+            for t in tensors:
+                selector.observe(t)
+            selector.end_pass()
+        assert [selector.keep(t)[0].tolist() for t in tensors] == expected
+
+
 def _flat_task_vectors(init, models, names):
     base = _state(init)
     states = [_state(m) for m in models]

@@ -316,6 +316,10 @@ class TopKByMagnitude:
 
     Usage: for each pass in range(self.passes): call `observe(d)` on every chunk (M, n), then
     `end_pass()`. Then `keep(d)` on every chunk, in the same order, gives the (M, n) bool mask.
+    Example, one model, two tensors [3, -1] and [2, -5, 3], k = 3 over the whole model: the magnitudes
+    sorted are 5, 3, 3, 2, 1; the threshold is 3 with one entry above it (-5) and two tied at it, both
+    kept: masks [1, 0] and [0, 1, 1]. With k = 2 only the first tied 3 (tensor one) is kept: [1, 0],
+    [0, 1, 0]. A per-tensor trim at the same density 2/5 would keep one entry of each tensor instead.
     """
 
     DIGIT = 16
