@@ -460,3 +460,42 @@ if (
     import sys
 
     print(build_rewarded_soup_models(Path(sys.argv[1])))
+
+
+# ----------------------------------------------------------------------------- the shipped config
+
+
+def test_rewarded_soup_tiny_config_end_to_end(soup_root, tmp_path, monkeypatch, capsys):
+    from warpkit.cli import main
+
+    monkeypatch.setenv("WARPKIT_TINY", str(soup_root))
+    config = load_frontier_config(REPO / "configs" / "rewarded_soup_tiny.yaml")
+    assert config.extra_rewards == {"brevity": "warpkit.default:brevity_reward"}
+    out = tmp_path / "out"
+    assert (
+        main(["frontier", str(REPO / "configs" / "rewarded_soup_tiny.yaml"), "--output_dir", str(out)]) == 0
+    )
+
+    doc = json.loads((out / "frontier.json").read_text())
+    rows = {r["name"]: r for r in doc["points"]}
+    soup = [f"soup/w={1 - t / 4:g},{t / 4:g}" for t in range(5)]
+    assert list(rows) == ["sft", *soup]
+    # The hand-made trade-off: the positive end wins on sentiment, the concise end on brevity.
+    pos, concise = rows[soup[0]], rows[soup[-1]]
+    assert pos["reward_mean"] - concise["reward_mean"] > 2 * math.hypot(
+        pos["reward_stderr"], concise["reward_stderr"]
+    )
+    b_pos, b_concise = pos["rewards"]["brevity"], concise["rewards"]["brevity"]
+    assert b_concise["mean"] - b_pos["mean"] > 2 * math.hypot(b_pos["stderr"], b_concise["stderr"])
+    # Both ends of the soup are on its reward front: each is the best on one reward.
+    assert doc["reward_front_axes"] == ["reward", "brevity"]
+    assert (
+        doc["reward_fronts"]["rewarded_soup"][0] == soup[-1]
+        and doc["reward_fronts"]["rewarded_soup"][-1] == soup[0]
+    )
+    assert (out / "rewards.png").stat().st_size > 20_000
+    printed = capsys.readouterr().out
+    assert (
+        "reward front rewarded_soup (reward vs brevity, both maximised):" in printed
+        and "rewards.png" in printed
+    )

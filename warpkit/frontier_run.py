@@ -547,7 +547,7 @@ def _plot_rewards(result: FrontierResult, path: Path) -> None:
         path,
         fronts=result.reward_fronts,
         method_labels=s["method_labels"],
-        title=(s["title"] + ": " if s["title"] else "") + "reward against reward (rewarded soups)",
+        title=s["title"] or "Reward against reward",
         subtitle=(
             f"{s['num_prompts_used']} held-out prompts x {s['samples_per_prompt']} samples, temperature "
             f"{s['temperature']:g}; both rewards on the same samples; error bars: 1 s.e."

@@ -265,8 +265,12 @@ def plot_rewards(
         for spec in dict.fromkeys(p["spec"] for p in rows if p["kind"] == "soup"):
             soup = [p for p in rows if p["spec"] == spec]
             ax.plot([xy(p)[0] for p in soup], [xy(p)[1] for p in soup], "-", color=colour, lw=1.3, zorder=3)
-            for p in soup:
-                note("w=(" + ", ".join(f"{w:g}" for w in p["weights"]) + ")", p, colour)
+            for i, p in enumerate(
+                soup
+            ):  # labels alternate above and below the line, so neighbours stay apart
+                note(
+                    "w=(" + ", ".join(f"{w:g}" for w in p["weights"]) + ")", p, colour, (5, 5 - 16 * (i % 2))
+                )
         front = [by_name[n] for n in (fronts or {}).get(method, [])]
         if front:
             _band(ax, [xy(p)[0] for p in front], [xy(p)[1] for p in front], colour)
@@ -278,21 +282,24 @@ def plot_rewards(
             note("SFT (reference)", p, "black", (-10, -18))
 
     grey = "0.35"
-    handles += [
+    kinds = {p["kind"] for p in points}
+    handles.append(
         Line2D(
             [], [], color=grey, linewidth=5, alpha=0.35, label="Pareto front of the method (both maximised)"
-        ),
-        Line2D(
-            [],
-            [],
-            color=grey,
-            marker="D",
-            markersize=4,
-            label="rewarded soup θ(w) = Σ w_m θ_m, in weight order",
-        ),
-        Line2D([], [], color=grey, linestyle="none", marker="o", label="single checkpoint"),
-        Line2D([], [], color="black", linestyle="none", marker="*", markersize=10, label="SFT reference"),
-    ]
+        )
+    )
+    for kind, line, label in (
+        ("soup", "-", "rewarded soup θ(w) = Σ w_m θ_m, joined in weight order"),
+        ("liti", "none", "LITI sweep point (η labelled)"),
+        ("trajectory", "none", "training checkpoint (step labelled)"),
+        ("path", "none", "single checkpoint"),
+    ):
+        if kind in kinds:
+            handles.append(Line2D([], [], color=grey, linestyle=line, marker=_MARKERS[kind], label=label))
+    if "reference" in kinds:
+        handles.append(
+            Line2D([], [], color="black", linestyle="none", marker="*", markersize=10, label="SFT reference")
+        )
     ax.legend(
         handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=8, frameon=False
     )
