@@ -203,7 +203,7 @@ class FrontierConfig:
             raise ValueError(
                 "'sft' names the reference point (name and method); give your policy another name."
             )
-        self._check_rewards()
+        self._check_extra_rewards()
         for p in self.policies:
             kinds = [k for k in ("path", "trajectory", "liti", "soup") if getattr(p, k) is not None]
             if len(kinds) != 1:
@@ -231,7 +231,7 @@ class FrontierConfig:
             if len(pair) != 2 or not set(pair) <= methods:
                 raise ValueError(f"compare entry {pair} must be two of the methods {sorted(methods)}.")
 
-    def _check_rewards(self) -> None:
+    def _check_extra_rewards(self) -> None:
         for name, spec in self.extra_rewards.items():
             # The name becomes a CSV column, a metric key and an axis name: an identifier keeps all three sane.
             if not isinstance(name, str) or not name.isidentifier() or name == "reward":

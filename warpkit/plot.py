@@ -89,6 +89,15 @@ def plot_frontier(
                 ax.annotate(
                     p["spec"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7, color=colour
                 )
+            elif p["kind"] == "soup":
+                ax.annotate(
+                    "w=(" + ", ".join(f"{w:g}" for w in p["weights"]) + ")",
+                    (x, y),
+                    textcoords="offset points",
+                    xytext=(4, -10),
+                    fontsize=7,
+                    color=colour,
+                )
         # Trajectories: dashed, in training order, arrow on the last segment, first and last steps labelled.
         for spec in dict.fromkeys(p["spec"] for p in rows if p["kind"] == "trajectory"):
             traj = sorted((p for p in rows if p["spec"] == spec), key=lambda p: p["step"])
@@ -167,6 +176,10 @@ def plot_frontier(
             [], [], color="black", linestyle="none", marker="*", markersize=10, label="SFT reference (KL = 0)"
         ),
     ]
+    if any(p["kind"] == "soup" for p in points):
+        handles.insert(
+            -2, Line2D([], [], color=grey, linestyle="none", marker="D", label="rewarded soup (w labelled)")
+        )
     # Below the axes, so the legend never hides a point.
     ax.legend(
         handles=handles,
