@@ -119,6 +119,14 @@ def test_weighted_average_is_the_float64_weighted_sum(soup_root):
     for name, t in soup.items():
         expected = (0.25 * a[name].double() + 0.75 * b[name].double()).to(a[name].dtype)
         assert t.dtype == a[name].dtype and torch.equal(t, expected), name
+    # Weights that are not binary fractions tell a float64 accumulation from a float32 one: each entry is
+    # the float64 sum rounded once to float32, within half a float32 ulp (|error| <= 2^-24 |value|), which
+    # a float32 accumulation misses (it rounds after every product and sum).
+    c = {k: -v for k, v in a.items()}
+    soup = weighted_average([a, b, c], [0.3, 0.6, 0.1])
+    for name, t in soup.items():
+        expected = 0.3 * a[name].double() + 0.6 * b[name].double() + 0.1 * c[name].double()
+        assert ((t.double() - expected).abs() <= 2**-24 * (1 + 1e-9) * expected.abs() + 1e-45).all(), name
     # The end points are the models themselves, bit for bit.
     assert all(torch.equal(v, a[k]) for k, v in weighted_average([a, b], [1.0, 0.0]).items())
     assert all(torch.equal(v, b[k]) for k, v in weighted_average([a, b], [0.0, 1.0]).items())

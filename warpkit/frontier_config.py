@@ -146,7 +146,7 @@ class FrontierConfig:
         compare: method pairs ``[a, b]`` for reward at matched KL; default every pair.
         method_labels: display names for the plot legend, by method.
         allow_pickle: accept ``pytorch_model.bin`` checkpoints (pickle: runs code on load). Off by default.
-        output_dir: where frontier.json, frontier.csv and frontier.png go.
+        output_dir: where frontier.json, frontier.csv, frontier.png (and rewards.png with extra rewards) go.
         title: plot title.
         plot_xscale: ``linear`` or ``symlog`` (linear below 1 nat, log above) for the plot's KL axis.
     """
