@@ -142,7 +142,11 @@ def _models(
                 del other
             for job, _ in _jobs(spec):
                 assert job.weights is not None
-                working.load_state_dict(weighted_average(states, job.weights), strict=True)
+                try:  # safetensors folders were checked up front; pickled ones (allow_pickle) only here
+                    point = weighted_average(states, job.weights)
+                except ValueError as e:
+                    raise ValueError(f"policy {spec.name!r}: the soup models cannot be averaged: {e}") from e
+                working.load_state_dict(point, strict=True)
                 yield job, working
             del working, states
             continue
@@ -197,8 +201,8 @@ def _check_soup_tensors(name: str, soup: SoupSweep) -> None:
             raise ValueError(
                 f"policy {name!r}: soup.models[{i}] {path!r} does not match soup.models[0] "
                 f"{soup.models[0]!r} tensor for tensor (first differences: {diff}). A rewarded soup averages "
-                "weights of policies fine-tuned from one init, so every model needs the same architecture and "
-                "shapes; soup models of one base only."
+                "the weights of policies fine-tuned from one init, so they need the same architecture and "
+                "shapes: list only policies fine-tuned from the same base model."
             )
 
 
