@@ -79,8 +79,9 @@ def test_unknown_and_badly_typed_config_fields_are_refused(tmp_path):
 def test_every_shipped_frontier_config_parses(monkeypatch):
     monkeypatch.setenv("WARPKIT_TINY", "/tiny")
     monkeypatch.setenv("WARPKIT_RUN", "/run")
-    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("frontier_*.yaml"))
-    assert {c.name for c in configs} >= {"frontier_tiny.yaml"}
+    shipped = Path(__file__).resolve().parents[1] / "configs"
+    configs = sorted([*shipped.glob("frontier_*.yaml"), *shipped.glob("rewarded_soup_*.yaml")])
+    assert {c.name for c in configs} >= {"frontier_tiny.yaml", "rewarded_soup_tiny.yaml"}
     for c in configs:
         config = load_frontier_config(c)
         assert config.policies

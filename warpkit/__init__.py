@@ -18,6 +18,7 @@ _LAZY: dict[str, str] = {
     "lerp": "warpkit.merge",
     "slerp": "warpkit.merge",
     "liti": "warpkit.merge",
+    "weighted_average": "warpkit.merge",
     "merge_folders": "warpkit.merge_io",
     "MergeReport": "warpkit.merge_io",
     "greedy_soup": "warpkit.soups",
@@ -30,9 +31,11 @@ _LAZY: dict[str, str] = {
     "write_frontier": "warpkit.frontier_run",
     "evaluate_policy": "warpkit.frontier",
     "pareto_front": "warpkit.pareto",
+    "pareto_front_max": "warpkit.pareto",
     "hypervolume": "warpkit.pareto",
     "reward_at_matched_kl": "warpkit.pareto",
     "plot_frontier": "warpkit.plot",
+    "plot_rewards": "warpkit.plot",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -438,6 +438,10 @@ def _frontier(args: argparse.Namespace) -> int:
     for method, names in result.fronts.items():
         hv = result.hypervolume["by_method"][method]
         print(f"front {method}: {' -> '.join(names)}  (hypervolume {hv:.4g}, KL axis: {key})")
+    if result.reward_fronts:
+        x, y = result.reward_front_axes
+        for method, names in result.reward_fronts.items():
+            print(f"reward front {method} ({x} vs {y}, both maximised): {' -> '.join(names)}")
     for m in result.matched_kl:
         if m["kl"]:
             print(
@@ -448,9 +452,8 @@ def _frontier(args: argparse.Namespace) -> int:
             print(
                 f"reward at matched KL, {m['method_a']} - {m['method_b']}: their fronts do not overlap in KL"
             )
-    print(
-        f"wrote {out}/frontier.json, frontier.csv, samples.jsonl" + ("" if args.no_plot else ", frontier.png")
-    )
+    pngs = ", frontier.png" + (", rewards.png" if result.reward_front_axes else "")
+    print(f"wrote {out}/frontier.json, frontier.csv, samples.jsonl" + ("" if args.no_plot else pngs))
     return 0
 
 

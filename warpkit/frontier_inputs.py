@@ -197,17 +197,22 @@ def encode_prompt(prompt: Any, tokenizer: Any) -> list[int]:
 # ----------------------------------------------------------------------------- rewards
 
 
-def check_rewards(raw: Any, n: int, point: str, on_nan: str, texts: list[str]) -> list[float]:
-    """Floats, one per completion; None / NaN / inf are errors, or NaN (skipped) when on_nan == 'skip'."""
+def check_rewards(
+    raw: Any, n: int, point: str, on_nan: str, texts: list[str], *, what: str = "the reward"
+) -> list[float]:
+    """Floats, one per completion; None / NaN / inf are errors, or NaN (skipped) when on_nan == 'skip'.
+
+    ``what`` names the reward in errors (e.g. ``extra reward 'brevity'``).
+    """
     if isinstance(raw, torch.Tensor):
         raw = raw.detach().float().cpu().tolist()
     if not hasattr(raw, "__len__") or isinstance(raw, (str, bytes, dict)):
         raise TypeError(
-            f"the reward returned {type(raw).__name__} for point {point!r}; it must return a list of floats."
+            f"{what} returned {type(raw).__name__} for point {point!r}; it must return a list of floats."
         )
     if len(raw) != n:
         raise ValueError(
-            f"the reward returned {len(raw)} values for {n} completions of point {point!r}; "
+            f"{what} returned {len(raw)} values for {n} completions of point {point!r}; "
             "it must return exactly one float per completion, in order."
         )
     values = []
@@ -218,11 +223,11 @@ def check_rewards(raw: Any, n: int, point: str, on_nan: str, texts: list[str]) -
         try:
             values.append(float(v))
         except (TypeError, ValueError) as e:
-            raise TypeError(f"the reward returned {v!r} for point {point!r}; expected a number.") from e
+            raise TypeError(f"{what} returned {v!r} for point {point!r}; expected a number.") from e
     bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
     if bad and on_nan == "error":
         raise ValueError(
-            f"the reward returned {len(bad)} non-finite value(s) (NaN, inf or None) out of {n} for point "
+            f"{what} returned {len(bad)} non-finite value(s) (NaN, inf or None) out of {n} for point "
             f"{point!r}; first: {values[bad[0]]} for completion {texts[bad[0]]!r}. Fix the reward, or set "
             "on_nan_reward: skip to leave those samples out of the reward mean (they are counted)."
         )

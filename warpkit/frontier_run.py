@@ -1,9 +1,12 @@
-"""`warpkit frontier`: evaluate every policy of a config, then write frontier.json, frontier.csv, frontier.png.
+"""`warpkit frontier`: evaluate every policy of a config, then write frontier.json, frontier.csv, frontier.png
+(and rewards.png, the reward-reward plot, when the config has extra rewards).
 
 Order of work: every input is checked before the first sample is drawn (folders, safetensors, vocabulary
 and tokenizer against the reference, prompt lengths against every context), so a bad config fails in
 seconds. Then each point is sampled and scored (`warpkit.frontier`), its reward computed and checked,
-and the fronts, hypervolumes and matched-KL comparisons derived (`warpkit.pareto`).
+and the fronts, hypervolumes and matched-KL comparisons derived (`warpkit.pareto`). Extra rewards score
+the same samples as the main reward; with them each method also gets a front across two rewards
+(rewarded soups, Ramé et al. 2023: every soup evaluated on every reward).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 import torch
 
 from warpkit.frontier import distinct_n, evaluate_policy, mean_stderr
-from warpkit.frontier_config import FrontierConfig, PolicySpec, expand_trajectory
+from warpkit.frontier_config import FrontierConfig, PolicySpec, SoupSweep, expand_trajectory
 from warpkit.frontier_inputs import (
     check_compatible,
     check_folder,
@@ -35,20 +38,26 @@ from warpkit.frontier_inputs import (
     load_reward,
     resolve_device,
 )
-from warpkit.pareto import hypervolume, pareto_front, reward_at_matched_kl
+from warpkit.pareto import hypervolume, pareto_front, pareto_front_max, reward_at_matched_kl
 
 __all__ = ["FrontierResult", "run_frontier", "write_frontier"]
 
 COLUMNS = [
     "name", "method", "kind", "spec", "step", "eta", "reward_mean", "reward_stderr", "kl_mean", "kl_stderr",
     "kl_exact_mean", "kl_exact_stderr", "length_mean", "diversity", "distinct_1", "distinct_2",
-    "num_samples", "num_reward_skipped", "params",
+    "num_samples", "num_reward_skipped", "params", "weights",
 ]  # fmt: skip
+# Then reward_<name>_mean, reward_<name>_stderr for each extra reward, in config order.
 
 
 @dataclass
 class FrontierResult:
-    """Rows of frontier.json (``points``) and what is derived from them. KL in nats per completion."""
+    """Rows of frontier.json (``points``) and what is derived from them. KL in nats per completion.
+
+    ``reward_fronts`` maps each method to the names of its points on the front of the two rewards named by
+    ``reward_front_axes`` (both maximised, in increasing order of the first); both are empty without
+    extra rewards.
+    """
 
     points: list[dict[str, Any]]
     fronts: dict[str, list[str]]
@@ -57,15 +66,24 @@ class FrontierResult:
     skipped: dict[str, Any]
     settings: dict[str, Any]
     samples: list[dict[str, Any]] = field(default_factory=list)
+    reward_fronts: dict[str, list[str]] = field(default_factory=dict)
+    reward_front_axes: list[str] = field(default_factory=list)
 
     def metrics(self) -> dict[str, float]:
         """Flat, namespaced scalars for a Trainer / tracker log: ``frontier/<point>/<field>`` and
-        ``frontier/hypervolume/<method>``, e.g. to log the front after every WARP iteration."""
+        ``frontier/hypervolume/<method>``, e.g. to log the front after every WARP iteration; with extra
+        rewards also ``frontier/<point>/reward_<name>_mean`` and ``_stderr``."""
         keys = ("reward_mean", "reward_stderr", "kl_mean", "kl_stderr", "kl_exact_mean", "kl_exact_stderr")
         out = {
             f"frontier/{p['name']}/{k}": float(p[k])
             for p in self.points
             for k in (*keys, "length_mean", "diversity")
+        }
+        out |= {
+            f"frontier/{p['name']}/reward_{name}_{k}": float(r[k])
+            for p in self.points
+            for name, r in p.get("rewards", {}).items()
+            for k in ("mean", "stderr")
         }
         out |= {f"frontier/hypervolume/{m}": float(v) for m, v in self.hypervolume["by_method"].items()}
         return out
@@ -83,10 +101,11 @@ class _Job:
     step: int | None = None
     eta: float | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    weights: list[float] | None = None
 
 
 def _jobs(spec: PolicySpec) -> list[tuple[_Job, str | None]]:
-    """(point, folder) pairs of one policy entry; LITI points have no folder (built in memory)."""
+    """(point, folder) pairs of one policy entry; LITI and soup points have no folder (built in memory)."""
     base = {"method": spec.method, "spec": spec.name, "params": spec.params}
     if spec.path is not None:
         return [(_Job(spec.name, kind="path", **base), spec.path)]
@@ -95,6 +114,11 @@ def _jobs(spec: PolicySpec) -> list[tuple[_Job, str | None]]:
             (_Job(f"{spec.name}/step={step}", kind="trajectory", step=step, **base), path)
             for step, path in expand_trajectory(spec.trajectory)
         ]
+    if spec.soup is not None:
+        return [
+            (_Job(f"{spec.name}/w={','.join(f'{x:g}' for x in w)}", kind="soup", weights=w, **base), None)
+            for w in spec.soup.vectors()
+        ]
     assert spec.liti is not None
     return [(_Job(f"{spec.name}/eta={eta:g}", kind="liti", eta=eta, **base), None) for eta in spec.liti.etas]
 
@@ -102,12 +126,30 @@ def _jobs(spec: PolicySpec) -> list[tuple[_Job, str | None]]:
 def _models(
     config: FrontierConfig, reference: torch.nn.Module, device: torch.device
 ) -> Iterator[tuple[_Job, Any]]:
-    """Yield (point, model) in config order; a LITI sweep loads init and merged once and reuses them."""
-    from warpkit.merge import liti
+    """Yield (point, model) in config order; a LITI or soup sweep loads its models once and reuses them."""
+    from warpkit.merge import liti, weighted_average
 
     if config.include_reference:
         yield _Job("sft", "sft", "reference", "sft"), reference
     for spec in config.policies:
+        if spec.soup is not None:
+            # One working model whose weights are overwritten per point; the M state dicts stay in memory.
+            working = load_model(spec.soup.models[0], config, device)
+            states = [{k: v.detach().clone() for k, v in working.state_dict().items()}]
+            for path in spec.soup.models[1:]:
+                other = load_model(path, config, device)
+                states.append({k: v.detach() for k, v in other.state_dict().items()})
+                del other
+            for job, _ in _jobs(spec):
+                assert job.weights is not None
+                try:  # safetensors folders were checked up front; pickled ones (allow_pickle) only here
+                    point = weighted_average(states, job.weights)
+                except ValueError as e:
+                    raise ValueError(f"policy {spec.name!r}: the soup models cannot be averaged: {e}") from e
+                working.load_state_dict(point, strict=True)
+                yield job, working
+            del working, states
+            continue
         if spec.liti is None:
             for job, path in _jobs(spec):
                 model = load_model(path, config, device)
@@ -129,7 +171,9 @@ def _models(
 def _folders(config: FrontierConfig) -> list[tuple[str, str]]:
     out = []
     for spec in config.policies:
-        if spec.liti is not None:
+        if spec.soup is not None:
+            out += [(m, f"policy {spec.name!r} (soup.models[{i}])") for i, m in enumerate(spec.soup.models)]
+        elif spec.liti is not None:
             out += [
                 (spec.liti.init, f"policy {spec.name!r} (liti.init)"),
                 (spec.liti.merged, f"policy {spec.name!r} (liti.merged)"),
@@ -139,13 +183,37 @@ def _folders(config: FrontierConfig) -> list[tuple[str, str]]:
     return out
 
 
+def _check_soup_tensors(name: str, soup: SoupSweep) -> None:
+    """Refuse soup models whose tensors differ in names or shapes, from the safetensors headers alone.
+
+    Folders with pickled weights only (allow_pickle) are checked later, when their state dicts load.
+    """
+    from warpkit.checkpoint import Checkpoint
+
+    if not all(any(Path(m).glob("*.safetensors")) for m in soup.models):
+        return
+    first = {n: t.shape for n, t in Checkpoint(soup.models[0]).tensors.items()}
+    for i, path in enumerate(soup.models[1:], start=1):
+        other = {n: t.shape for n, t in Checkpoint(path).tensors.items()}
+        diff = sorted(set(first) ^ set(other))[:3]
+        diff += [f"{n}: {first[n]} vs {other[n]}" for n in first if n in other and first[n] != other[n]][:3]
+        if diff:
+            raise ValueError(
+                f"policy {name!r}: soup.models[{i}] {path!r} does not match soup.models[0] "
+                f"{soup.models[0]!r} tensor for tensor (first differences: {diff}). A rewarded soup averages "
+                "the weights of policies fine-tuned from one init, so they need the same architecture and "
+                "shapes: list only policies fine-tuned from the same base model."
+            )
+
+
 # ----------------------------------------------------------------------------- run
 
 
 def _resolve_default(config: FrontierConfig) -> None:
-    """Replace the folder name ``default`` (reference, liti.init, path) by the embedded default model."""
+    """Replace the folder name ``default`` (reference, liti.init, path, soup.models) by the embedded model."""
     folders = [config.reference] + [p.path or "" for p in config.policies]
     folders += [p.liti.init for p in config.policies if p.liti is not None]
+    folders += [m for p in config.policies if p.soup is not None for m in p.soup.models]
     if "default" not in folders:
         return
     from warpkit.default import prepare_default_model
@@ -156,6 +224,8 @@ def _resolve_default(config: FrontierConfig) -> None:
         p.path = path if p.path == "default" else p.path
         if p.liti is not None and p.liti.init == "default":
             p.liti.init = path
+        if p.soup is not None:
+            p.soup.models = [path if m == "default" else m for m in p.soup.models]
 
 
 def run_frontier(config: FrontierConfig, *, progress: bool = True) -> FrontierResult:
@@ -180,6 +250,9 @@ def run_frontier(config: FrontierConfig, *, progress: bool = True) -> FrontierRe
     for path, what in folders:
         check_folder(path, what, config.allow_pickle)
         check_compatible(reference_dir, tokenizer, path, what)
+    for spec in config.policies:
+        if spec.soup is not None:
+            _check_soup_tensors(spec.name, spec.soup)
     contexts = [
         c
         for c in (
@@ -212,6 +285,7 @@ def run_frontier(config: FrontierConfig, *, progress: bool = True) -> FrontierRe
         )
     prompts, encoded = [prompts[i] for i in kept], [encoded[i] for i in kept]
     reward_fn = load_reward(config.reward, device, config.batch_size)
+    extra_fns = {n: load_reward(spec, device, config.batch_size) for n, spec in config.extra_rewards.items()}
     reference = load_model(reference_dir, config, device)
 
     num_points = int(config.include_reference) + sum(len(_jobs(s)) for s in config.policies)
@@ -243,7 +317,12 @@ def run_frontier(config: FrontierConfig, *, progress: bool = True) -> FrontierRe
         completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
         raw = reward_fn(prompts=row_prompts, completions=completions, completion_ids=s.completions)
         s.rewards = check_rewards(raw, len(texts), job.name, config.on_nan_reward, texts)
-        rows.append(_row(job, s, eos))
+        extra = {}
+        for name, fn in extra_fns.items():  # the same samples: every point is scored on every reward
+            raw = fn(prompts=row_prompts, completions=completions, completion_ids=s.completions)
+            what = f"extra reward {name!r}"
+            extra[name] = check_rewards(raw, len(texts), job.name, config.on_nan_reward, texts, what=what)
+        rows.append(_row(job, s, eos, extra))
         for r in range(min(2, len(texts))):
             samples.append(
                 {
@@ -253,12 +332,13 @@ def run_frontier(config: FrontierConfig, *, progress: bool = True) -> FrontierRe
                     "reward": s.rewards[r],
                     "kl": s.kl[r],
                 }
+                | ({"rewards": {n: v[r] for n, v in extra.items()}} if extra else {})
             )
     bar.close()
     return _summarise(config, rows, samples, reference_dir, device, context, too_long, len(kept))
 
 
-def _row(job: _Job, s: Any, eos: int | None) -> dict[str, Any]:
+def _row(job: _Job, s: Any, eos: int | None, extra: dict[str, list[float]]) -> dict[str, Any]:
     row: dict[str, Any] = {
         "name": job.name,
         "method": job.method,
@@ -276,6 +356,12 @@ def _row(job: _Job, s: Any, eos: int | None) -> dict[str, Any]:
     row["num_samples"] = len(s.length)
     row["num_reward_skipped"] = sum(math.isnan(r) for r in s.rewards)
     row["params"] = job.params
+    row["weights"] = job.weights
+    row["rewards"] = {}
+    for name, values in extra.items():
+        mean, stderr = mean_stderr(values, s.prompt_index)
+        skipped = sum(math.isnan(v) for v in values)
+        row["rewards"][name] = {"mean": mean, "stderr": stderr, "num_skipped": skipped}
     return row
 
 
@@ -336,14 +422,37 @@ def _summarise(
         "prompts_too_long": [{"index": i, "length": n} for i, n in too_long],
         "rewards": {r["name"]: r["num_reward_skipped"] for r in rows if r["num_reward_skipped"]},
     }
-    return FrontierResult(rows, fronts, hv, matched, skipped, settings, samples)
+    extra_skipped = {
+        name: {
+            r["name"]: r["rewards"][name]["num_skipped"] for r in rows if r["rewards"][name]["num_skipped"]
+        }
+        for name in config.extra_rewards
+    }
+    if any(extra_skipped.values()):
+        skipped["extra_rewards"] = extra_skipped
+    axes = config.front_reward_axes()
+    reward_fronts = {}
+    if axes:
+        for m in methods:
+            pts = [r for r in members(m) if all(math.isfinite(_reward_value(r, a)[0]) for a in axes)]
+            x, y = ([_reward_value(r, a)[0] for r in pts] for a in axes)
+            reward_fronts[m] = [pts[i]["name"] for i in pareto_front_max(x, y)]
+    return FrontierResult(rows, fronts, hv, matched, skipped, settings, samples, reward_fronts, axes)
+
+
+def _reward_value(row: dict[str, Any], axis: str) -> tuple[float, float]:
+    """(mean, stderr) of reward ``axis`` in a row: ``reward`` is the main reward, else an extra reward."""
+    if axis == "reward":
+        return row["reward_mean"], row["reward_stderr"]
+    return row["rewards"][axis]["mean"], row["rewards"][axis]["stderr"]
 
 
 # ----------------------------------------------------------------------------- output
 
 
 def write_frontier(result: FrontierResult, output_dir: str | Path, *, plot: bool = True) -> Path:
-    """Write frontier.json, frontier.csv, samples.jsonl (and frontier.png) into ``output_dir``.
+    """Write frontier.json, frontier.csv, samples.jsonl (and frontier.png, plus rewards.png with extra
+    rewards) into ``output_dir``.
 
     Each file is written in a temporary folder first and moved into place, so an interrupted run never
     leaves a truncated file that looks complete.
@@ -360,17 +469,29 @@ def write_frontier(result: FrontierResult, output_dir: str | Path, *, plot: bool
             "skipped": result.skipped,
             "settings": result.settings,
         }
+        if result.reward_front_axes:
+            doc |= {"reward_fronts": result.reward_fronts, "reward_front_axes": result.reward_front_axes}
         (tmp / "frontier.json").write_text(json.dumps(doc, indent=2, default=str, allow_nan=True))
+        extra = list(result.settings.get("extra_rewards", {}))
+        extra_columns = [f"reward_{n}_{k}" for n in extra for k in ("mean", "stderr")]
         with open(tmp / "frontier.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer = csv.DictWriter(f, fieldnames=COLUMNS + extra_columns)
             writer.writeheader()
             for row in result.points:
-                writer.writerow({k: json.dumps(row[k]) if k == "params" else row[k] for k in COLUMNS})
+                line = {k: row.get(k) for k in COLUMNS}
+                line["params"] = json.dumps(row["params"])
+                line["weights"] = "" if row.get("weights") is None else json.dumps(row["weights"])
+                for n in extra:
+                    line[f"reward_{n}_mean"] = row["rewards"][n]["mean"]
+                    line[f"reward_{n}_stderr"] = row["rewards"][n]["stderr"]
+                writer.writerow(line)
         with open(tmp / "samples.jsonl", "w") as f:
             for sample in result.samples:
                 f.write(json.dumps(sample) + "\n")
         if plot:
             _plot(result, tmp / "frontier.png")
+            if result.reward_front_axes:
+                _plot_rewards(result, tmp / "rewards.png")
         for p in tmp.iterdir():
             os.replace(p, out / p.name)
     finally:
@@ -378,12 +499,17 @@ def write_frontier(result: FrontierResult, output_dir: str | Path, *, plot: bool
     return out
 
 
+def _reward_label(spec: str) -> str:
+    """``module:function`` -> ``function``; a reward model folder -> its folder name."""
+    return Path(spec).name if os.path.isdir(spec) else spec.rpartition(":")[2]
+
+
 def _plot(result: FrontierResult, path: Path) -> None:
     from warpkit.plot import plot_frontier
 
     s = result.settings
     estimator = "per-position exact KL" if s["front_kl"] == "kl_exact" else "Monte Carlo log-ratio"
-    reward = Path(s["reward"]).name if os.path.isdir(s["reward"]) else s["reward"].rpartition(":")[2]
+    reward = _reward_label(s["reward"])
     hv = result.hypervolume
     plot_frontier(
         result.points,
@@ -401,4 +527,35 @@ def _plot(result: FrontierResult, path: Path) -> None:
         xlabel=f"KL(policy || SFT) per completion, nats ({estimator}, T = {s['temperature']:g})",
         ylabel=f"reward: {reward} (mean ± s.e.)",
         xscale=s["plot_xscale"],
+    )
+
+
+def _plot_rewards(result: FrontierResult, path: Path) -> None:
+    from warpkit.plot import plot_rewards
+
+    s = result.settings
+    x_axis, y_axis = result.reward_front_axes
+
+    def label(axis: str) -> str:
+        spec = s["reward"] if axis == "reward" else s["extra_rewards"][axis]
+        name = "main reward" if axis == "reward" else f"reward {axis!r}"
+        return f"{name}: {_reward_label(spec)} (mean ± s.e.)"
+
+    points = [
+        p | {"x": _reward_value(p, x_axis), "y": _reward_value(p, y_axis)}
+        for p in result.points
+        if all(math.isfinite(_reward_value(p, a)[0]) for a in (x_axis, y_axis))
+    ]
+    plot_rewards(
+        points,
+        path,
+        fronts=result.reward_fronts,
+        method_labels=s["method_labels"],
+        title=s["title"] or "Reward against reward",
+        subtitle=(
+            f"{s['num_prompts_used']} held-out prompts x {s['samples_per_prompt']} samples, temperature "
+            f"{s['temperature']:g}; both rewards on the same samples; error bars: 1 s.e."
+        ),
+        xlabel=label(x_axis),
+        ylabel=label(y_axis),
     )

@@ -42,6 +42,7 @@ __all__ = [
     "slerp_coefficients",
     "stats_to_log",
     "task_vector",
+    "weighted_average",
 ]
 
 State = Mapping[str, torch.Tensor]
@@ -368,4 +369,39 @@ def liti(
             continue
         a32, b32 = a.float(), b.float()
         out[name] = torch.lerp(a32, b32, eta).to(a.dtype)
+    return out
+
+
+def weighted_average(states: Sequence[State], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    """theta(w) = sum_m w_m theta_m, tensor by tensor: the rewarded soup (Ramé et al. 2023) of M states.
+
+    Accumulated in float64 and cast once to each tensor's dtype (that of ``states[0]``), so w = e_m returns
+    theta_m bit for bit. Integer and bool tensors are copied from ``states[0]``. Weights are used as given
+    (callers check the simplex); shapes: ``len(weights) == len(states)``, every state has the same names
+    and shapes.
+    """
+    if len(states) != len(weights) or not states:
+        raise ValueError(
+            f"weighted_average needs one weight per state, got {len(weights)} for {len(states)}."
+        )
+    first = states[0]
+    for i, state in enumerate(states[1:], start=1):
+        if state.keys() != first.keys():
+            raise ValueError(
+                f"state {i} and state 0 have different tensors, e.g. {sorted(set(state) ^ set(first))[:5]}."
+            )
+        bad = [
+            (n, tuple(t.shape), tuple(first[n].shape)) for n, t in state.items() if t.shape != first[n].shape
+        ]
+        if bad:
+            raise ValueError(f"state {i} and state 0 differ in shape (name, shape {i}, shape 0): {bad[:3]}.")
+    out = {}
+    for name, t in first.items():
+        if not t.is_floating_point():
+            out[name] = t.clone()
+            continue
+        acc = torch.zeros(t.shape, dtype=torch.float64, device=t.device)
+        for w, state in zip(weights, states, strict=True):
+            acc.add_(state[name].to(torch.float64), alpha=float(w))
+        out[name] = acc.to(t.dtype)
     return out

@@ -10,6 +10,8 @@ WARP paper's plots of reward against KL(policy || SFT). A point is a pair ``(kl,
   rectangles ``[kl, ref_kl] x [ref_reward, reward]`` over the front: the region a method's points
   dominate, bounded by the reference. A point with ``kl >= ref_kl`` or ``reward <= ref_reward``
   adds nothing. Use the same reference point for every method you compare.
+- Across rewards (rewarded soups: reward R_1 against reward R_2, both maximised), `pareto_front_max`
+  reuses the same sweep with the first coordinate negated: maximising R_1 is minimising -R_1.
 - Reward at matched KL interpolates each front linearly between its points (points of a LITI sweep are
   reachable in between; between two separate runs it is an interpolation, not a guarantee) and never
   extrapolates: outside a front's KL range the value is NaN.
@@ -21,7 +23,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["MatchedKL", "hypervolume", "pareto_front", "reward_at_kl", "reward_at_matched_kl"]
+__all__ = [
+    "MatchedKL",
+    "hypervolume",
+    "pareto_front",
+    "pareto_front_max",
+    "reward_at_kl",
+    "reward_at_matched_kl",
+]
 
 
 def _check_points(kl: Sequence[float], reward: Sequence[float]) -> None:
@@ -49,6 +58,12 @@ def pareto_front(kl: Sequence[float], reward: Sequence[float]) -> list[int]:
             front.append(i)
             best = reward[i]
     return front
+
+
+def pareto_front_max(x: Sequence[float], y: Sequence[float]) -> list[int]:
+    """Indices of the non-dominated points when BOTH coordinates are maximised (e.g. two rewards),
+    sorted by increasing ``x`` (hence decreasing ``y``). Same tie rules as `pareto_front`."""
+    return pareto_front([-v for v in x], y)[::-1]
 
 
 def hypervolume(kl: Sequence[float], reward: Sequence[float], ref_kl: float, ref_reward: float) -> float:

@@ -1,5 +1,7 @@
 """The reward-KL plot: one colour per method, its Pareto front as a solid line, training trajectories as
-dashed arrows, LITI sweeps labelled with their eta, the SFT reference as a star. Matplotlib (Agg) only.
+dashed arrows, LITI sweeps labelled with their eta, the SFT reference as a star. The reward-reward plot
+(`plot_rewards`): the same conventions with a second reward on the y axis and rewarded soups drawn as
+lines in weight order, labelled with their w. Matplotlib (Agg) only.
 """
 
 from __future__ import annotations
@@ -10,9 +12,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_frontier"]
+__all__ = ["plot_frontier", "plot_rewards"]
 
-_MARKERS = {"path": "o", "trajectory": "s", "liti": "^", "reference": "*"}
+_MARKERS = {"path": "o", "trajectory": "s", "liti": "^", "soup": "D", "reference": "*"}
 
 
 def plot_frontier(
@@ -86,6 +88,15 @@ def plot_frontier(
             elif p["kind"] == "path":
                 ax.annotate(
                     p["spec"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7, color=colour
+                )
+            elif p["kind"] == "soup":
+                ax.annotate(
+                    "w=(" + ", ".join(f"{w:g}" for w in p["weights"]) + ")",
+                    (x, y),
+                    textcoords="offset points",
+                    xytext=(4, -10),
+                    fontsize=7,
+                    color=colour,
                 )
         # Trajectories: dashed, in training order, arrow on the last segment, first and last steps labelled.
         for spec in dict.fromkeys(p["spec"] for p in rows if p["kind"] == "trajectory"):
@@ -165,6 +176,10 @@ def plot_frontier(
             [], [], color="black", linestyle="none", marker="*", markersize=10, label="SFT reference (KL = 0)"
         ),
     ]
+    if any(p["kind"] == "soup" for p in points):
+        handles.insert(
+            -2, Line2D([], [], color=grey, linestyle="none", marker="D", label="rewarded soup (w labelled)")
+        )
     # Below the axes, so the legend never hides a point.
     ax.legend(
         handles=handles,
@@ -183,6 +198,128 @@ def plot_frontier(
         ax.set_xlim(left=-0.1)
     else:
         ax.set_xlim(left=min(-0.03 * ax.get_xlim()[1], ax.get_xlim()[0]))
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _band(ax: Any, xs: Sequence[float], ys: Sequence[float], colour: Any) -> None:
+    """A front as a wide translucent band under the points, so lines on it stay visible."""
+    ax.plot(xs, ys, "-", color=colour, linewidth=5, alpha=0.35, solid_capstyle="round", zorder=1)
+
+
+def plot_rewards(
+    points: Sequence[Mapping[str, Any]],
+    path: str | Path,
+    *,
+    fronts: Mapping[str, Sequence[str]] | None = None,
+    method_labels: Mapping[str, str] | None = None,
+    title: str = "Reward against reward",
+    subtitle: str = "",
+    xlabel: str = "reward 1 (mean ± s.e.)",
+    ylabel: str = "reward 2 (mean ± s.e.)",
+) -> Path:
+    """Draw two rewards of each point against each other to a PNG at ``path`` and return the path.
+
+    Each row needs name, method, kind, spec, and ``x`` and ``y`` as ``(mean, stderr)`` pairs (the two
+    rewards); soup rows also ``weights`` (w, length M), LITI rows ``eta``, trajectory rows ``step``.
+    Soup points of one policy entry are joined in the order given (the sweep's weight order) and labelled
+    with w. ``fronts`` maps a method to the names of its points on the front where both rewards are
+    maximised, in increasing x.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    labels = dict(method_labels or {})
+    by_name = {p["name"]: p for p in points}
+    methods = [m for m in dict.fromkeys(p["method"] for p in points) if m != "sft"]
+    colours = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(10, 7.5), dpi=150)
+
+    def xy(p: Mapping[str, Any]) -> tuple[float, float]:
+        return p["x"][0], p["y"][0]
+
+    def errorbar(p: Mapping[str, Any], colour: Any, marker: str, size: float = 6) -> None:
+        xerr, yerr = p["x"][1], p["y"][1]
+        ax.errorbar(
+            *xy(p),
+            xerr=None if xerr is None or math.isnan(xerr) else xerr,
+            yerr=None if yerr is None or math.isnan(yerr) else yerr,
+            fmt=marker,
+            color=colour,
+            markersize=size,
+            alpha=0.85,
+            elinewidth=0.8,
+            capsize=2,
+            zorder=4,
+        )
+
+    def note(text: str, p: Mapping[str, Any], colour: Any, offset: tuple[int, int] = (5, 4)) -> None:
+        ax.annotate(text, xy(p), textcoords="offset points", xytext=offset, fontsize=7, color=colour)
+
+    handles = []
+    for c, method in enumerate(methods):
+        colour = colours(c % 10)
+        rows = [p for p in points if p["method"] == method]
+        for p in rows:
+            errorbar(p, colour, _MARKERS.get(p["kind"], "o"))
+            if p["kind"] == "liti":
+                note(f"η={p['eta']:g}", p, colour, (4, -10))
+            elif p["kind"] == "path":
+                note(p["spec"], p, colour)
+            elif p["kind"] == "trajectory":
+                note(f"{p['spec']} step {p['step']}", p, colour)
+        # Rewarded soups: the interpolation path in weight order; each point labelled with its w.
+        for spec in dict.fromkeys(p["spec"] for p in rows if p["kind"] == "soup"):
+            soup = [p for p in rows if p["spec"] == spec]
+            ax.plot([xy(p)[0] for p in soup], [xy(p)[1] for p in soup], "-", color=colour, lw=1.3, zorder=3)
+            for i, p in enumerate(
+                soup
+            ):  # labels alternate above and below the line, so neighbours stay apart
+                note(
+                    "w=(" + ", ".join(f"{w:g}" for w in p["weights"]) + ")", p, colour, (5, 5 - 16 * (i % 2))
+                )
+        front = [by_name[n] for n in (fronts or {}).get(method, [])]
+        if front:
+            _band(ax, [xy(p)[0] for p in front], [xy(p)[1] for p in front], colour)
+        handles.append(Line2D([], [], color=colour, linewidth=5, alpha=0.6, label=labels.get(method, method)))
+
+    for p in points:
+        if p["method"] == "sft":
+            errorbar(p, "black", "*", 14)
+            note("SFT (reference)", p, "black", (-10, -18))
+
+    grey = "0.35"
+    kinds = {p["kind"] for p in points}
+    handles.append(
+        Line2D(
+            [], [], color=grey, linewidth=5, alpha=0.35, label="Pareto front of the method (both maximised)"
+        )
+    )
+    for kind, line, label in (
+        ("soup", "-", "rewarded soup θ(w) = Σ w_m θ_m, joined in weight order"),
+        ("liti", "none", "LITI sweep point (η labelled)"),
+        ("trajectory", "none", "training checkpoint (step labelled)"),
+        ("path", "none", "single checkpoint"),
+    ):
+        if kind in kinds:
+            handles.append(Line2D([], [], color=grey, linestyle=line, marker=_MARKERS[kind], label=label))
+    if "reference" in kinds:
+        handles.append(
+            Line2D([], [], color="black", linestyle="none", marker="*", markersize=10, label="SFT reference")
+        )
+    ax.legend(
+        handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=8, frameon=False
+    )
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title + (f"\n{subtitle}" if subtitle else ""), fontsize=11)
+    ax.grid(True, alpha=0.3)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
