@@ -395,8 +395,9 @@ def test_rewards_png_only_with_extra_rewards(tmp_path):
         ({"models": ["a"]}, r"a soup needs at least 2 models, got 1.*`path` entry"),
         ({"models": ["a", "b"], "num_points": 1}, r"num_points must be >= 2"),
         ({"models": ["a", "b"], "weights": []}, r"soup.weights is empty"),
+        ({"models": ["a", "b"], "weights": [[0.5, 0.5]], "num_points": 3}, r"num_points=3 and soup.weights"),
     ],
-    ids=["sum", "negative", "length", "three-without-weights", "one-model", "one-point", "empty"],
+    ids=["sum", "negative", "length", "three-without-weights", "one-model", "one-point", "empty", "both"],
 )
 def test_bad_soup_is_refused_when_the_config_loads(tmp_path, soup, match):
     import yaml

@@ -69,18 +69,18 @@ class SoupSweep:
             the same init on its own reward R_m.
         weights: the weight vectors, each of length M; None (M = 2 only) sweeps ``w = (1 - t, t)`` over
             ``num_points`` evenly spaced t in [0, 1].
-        num_points: number of t values when ``weights`` is None (>= 2); unused otherwise.
+        num_points: number of t values when ``weights`` is None (>= 2, default 5); not with ``weights``.
     """
 
     models: list[str]
     weights: list[list[float]] | None = None
-    num_points: int = 5
+    num_points: int | None = None
 
     def vectors(self) -> list[list[float]]:
         """The weight vectors w in sweep order: ``weights``, or ``[1 - t, t]`` for t = 0, 1/(n-1), ..., 1."""
         if self.weights is not None:
             return [list(w) for w in self.weights]
-        n = self.num_points
+        n = 5 if self.num_points is None else self.num_points
         return [[1.0 - i / (n - 1), i / (n - 1)] for i in range(n)]
 
 
@@ -290,7 +290,7 @@ def _check_soup(name: str, soup: SoupSweep) -> None:
                 f"of length {m}, e.g. {[[1.0 if i == j else 0.0 for i in range(m)] for j in range(m)]} plus "
                 "the mixtures you want); only a 2-model soup sweeps w = (1 - t, t) by default."
             )
-        if soup.num_points < 2:
+        if soup.num_points is not None and soup.num_points < 2:
             raise ValueError(
                 f"policy {name!r}: soup.num_points must be >= 2 (the sweep includes both ends t = 0 and "
                 f"t = 1), got {soup.num_points}."
@@ -298,6 +298,11 @@ def _check_soup(name: str, soup: SoupSweep) -> None:
         return
     if not soup.weights:
         raise ValueError(f"policy {name!r}: soup.weights is empty; give at least one weight vector.")
+    if soup.num_points is not None:
+        raise ValueError(
+            f"policy {name!r}: soup.num_points={soup.num_points} and soup.weights both given; num_points "
+            "only spaces the default 2-model sweep w = (1 - t, t). Drop one of them."
+        )
     for w in soup.weights:
         why = None
         if len(w) != m:
