@@ -60,13 +60,15 @@ def write_elementwise(
             keep_none = k == 0
             if 0 < k < numel:
                 selector = TopKByMagnitude([k] * num_models, stream.cd)
+        # The Gram matrix (stats, and the NaN/Inf refusal) is taken on the first pass over the data only.
         for pass_index in range(selector.passes if selector else 0):
             for n in unit:
                 for a, b in chunks(n):
-                    gram = stream.gram(n, stream.read(n, a, b, keep=True))
-                    if pass_index == 0:  # also refuses NaN/Inf before anything is selected
-                        grams[n] += gram
-                    selector.observe(stream.task_vectors)
+                    views = stream.read(n, a, b, keep=True)
+                    d = stream.diff(views)
+                    if pass_index == 0:  # refuses NaN/Inf before anything is selected
+                        grams[n] += stream.gram(n, views, d)
+                    selector.observe(d)
                 tick()
             selector.end_pass()
         for n in unit:
@@ -74,10 +76,9 @@ def write_elementwise(
             norm_sq = 0.0
             for a, b in chunks(n):
                 views = stream.read(n, a, b, keep=False)
-                gram = stream.gram(n, views)
+                d = stream.diff(views)
                 if selector is None:
-                    grams[n] += gram
-                d = stream.task_vectors
+                    grams[n] += stream.gram(n, views, d)
                 if keep_none:
                     keep = torch.zeros(d.shape, dtype=torch.bool, device=d.device)
                 else:

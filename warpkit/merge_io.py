@@ -194,14 +194,20 @@ class _Stream:
             self.cache[(name, a)] = kept
         return [v.to(self.device) for v in views]
 
-    def gram(self, name: str, views: list[torch.Tensor]) -> torch.Tensor:
-        """Gram matrix of the chunk's task vectors d_m = theta_m - init, float64, NaN/Inf refused."""
+    def diff(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """The chunk's task vectors d_m = theta_m - init (M, n) in the compute dtype, valid until the next
+        call (a reused buffer)."""
         n = views[0].numel()
         base = self._buffer("base", n, self.cd).copy_(views[0])
         d = self._buffer("d", (len(views) - 1) * n, self.cd).view(len(views) - 1, n)
         for m, theta in enumerate(views[1:]):
             torch.sub(theta, base, out=d[m])  # promotes bf16 inputs to the compute dtype
-        gram = gram_matrix(d)
+        return d
+
+    def gram(self, name: str, views: list[torch.Tensor], d: torch.Tensor | None = None) -> torch.Tensor:
+        """Gram matrix of the chunk's task vectors d (`diff(views)` unless given), float64, NaN/Inf
+        refused."""
+        gram = gram_matrix(self.diff(views) if d is None else d)
         if not torch.isfinite(gram.diagonal()).all():
             bad = [
                 str(c.path) for c, v in zip(self.inputs, views, strict=True) if not torch.isfinite(v).all()
@@ -209,7 +215,6 @@ class _Stream:
             raise ValueError(
                 f"{name} has NaN or Inf weights in {bad or 'the task vectors'}; refusing to merge."
             )
-        self.task_vectors = d  # valid until the next call
         return gram
 
     def add_to_init(self, views: list[torch.Tensor], delta: torch.Tensor, alpha: float, dtype: torch.dtype):
