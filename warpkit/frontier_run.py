@@ -284,8 +284,11 @@ def run_frontier(config: FrontierConfig, *, progress: bool = True) -> FrontierRe
             f"every prompt is longer than the context ({context} tokens) allows; nothing to evaluate."
         )
     prompts, encoded = [prompts[i] for i in kept], [encoded[i] for i in kept]
-    reward_fn = load_reward(config.reward, device, config.batch_size)
-    extra_fns = {n: load_reward(spec, device, config.batch_size) for n, spec in config.extra_rewards.items()}
+    # The main reward under the key None, then the extra rewards by name.
+    reward_fns = {
+        name: load_reward(spec, device, config.batch_size)
+        for name, spec in [(None, config.reward), *config.extra_rewards.items()]
+    }
     reference = load_model(reference_dir, config, device)
 
     num_points = int(config.include_reference) + sum(len(_jobs(s)) for s in config.policies)
@@ -315,13 +318,12 @@ def run_frontier(config: FrontierConfig, *, progress: bool = True) -> FrontierRe
         row_prompts = [prompts[i] for i in s.prompt_index]
         conversational = isinstance(row_prompts[0], list)
         completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
-        raw = reward_fn(prompts=row_prompts, completions=completions, completion_ids=s.completions)
-        s.rewards = check_rewards(raw, len(texts), job.name, config.on_nan_reward, texts)
-        extra = {}
-        for name, fn in extra_fns.items():  # the same samples: every point is scored on every reward
+        extra: dict[str | None, list[float]] = {}
+        for name, fn in reward_fns.items():  # the same samples: every point is scored on every reward
             raw = fn(prompts=row_prompts, completions=completions, completion_ids=s.completions)
-            what = f"extra reward {name!r}"
+            what = "the reward" if name is None else f"extra reward {name!r}"
             extra[name] = check_rewards(raw, len(texts), job.name, config.on_nan_reward, texts, what=what)
+        s.rewards = extra.pop(None)
         rows.append(_row(job, s, eos, extra))
         for r in range(min(2, len(texts))):
             samples.append(

@@ -91,7 +91,7 @@ def plot_frontier(
                 )
             elif p["kind"] == "soup":
                 ax.annotate(
-                    "w=(" + ", ".join(f"{w:g}" for w in p["weights"]) + ")",
+                    _weights_label(p),
                     (x, y),
                     textcoords="offset points",
                     xytext=(4, -10),
@@ -205,6 +205,11 @@ def plot_frontier(
     return path
 
 
+def _weights_label(point: Mapping[str, Any]) -> str:
+    """A soup point's label: ``w=(0.25, 0.75)``."""
+    return "w=(" + ", ".join(f"{w:g}" for w in point["weights"]) + ")"
+
+
 def _band(ax: Any, xs: Sequence[float], ys: Sequence[float], colour: Any) -> None:
     """A front as a wide translucent band under the points, so lines on it stay visible."""
     ax.plot(xs, ys, "-", color=colour, linewidth=5, alpha=0.35, solid_capstyle="round", zorder=1)
@@ -278,12 +283,9 @@ def plot_rewards(
         for spec in dict.fromkeys(p["spec"] for p in rows if p["kind"] == "soup"):
             soup = [p for p in rows if p["spec"] == spec]
             ax.plot([xy(p)[0] for p in soup], [xy(p)[1] for p in soup], "-", color=colour, lw=1.3, zorder=3)
-            for i, p in enumerate(
-                soup
-            ):  # labels alternate above and below the line, so neighbours stay apart
-                note(
-                    "w=(" + ", ".join(f"{w:g}" for w in p["weights"]) + ")", p, colour, (5, 5 - 16 * (i % 2))
-                )
+            # Labels alternate above and below the line, so neighbours stay apart.
+            for i, p in enumerate(soup):
+                note(_weights_label(p), p, colour, (5, 5 - 16 * (i % 2)))
         front = [by_name[n] for n in (fronts or {}).get(method, [])]
         if front:
             _band(ax, [xy(p)[0] for p in front], [xy(p)[1] for p in front], colour)
