@@ -303,7 +303,6 @@ def greedy_soup(
         history=[(str(ingredients[0]), best, True)],
         candidate_scores=scores,
     )
-    steps = [{"candidate": str(paths[order[0]]), "soup": [str(paths[order[0]])], "score": best, "kept": True}]
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.soup-", dir=out.parent))  # same filesystem: rename
     try:
@@ -314,14 +313,6 @@ def greedy_soup(
             value = float(score(candidate))
             kept = value > best  # NaN never improves
             result.history.append((str(paths[i]), value, kept))
-            steps.append(
-                {
-                    "candidate": str(paths[i]),
-                    "soup": [str(p) for p in (*ingredients, paths[i])],
-                    "score": value,
-                    "kept": kept,
-                }
-            )
             if kept:
                 ingredients.append(paths[i])
                 best = value
@@ -332,6 +323,10 @@ def greedy_soup(
                 shutil.rmtree(candidate)
         if best_folder is None:  # no mixture beat the best single model: the soup is that model
             best_folder = Path(shutil.copytree(ingredients[0], work / "single"))
+        steps, soup = [], []  # each step's soup: the ingredients kept so far plus its candidate
+        for candidate, value, kept in result.history:
+            steps.append({"candidate": candidate, "soup": [*soup, candidate], "score": value, "kept": kept})
+            soup += [candidate] if kept else []
         record = {
             "warpkit_soup": 1,
             "method": "greedy_soup",
