@@ -54,6 +54,7 @@ from warpkit.merge import (
 from warpkit.merge_elementwise import TRIM_SCOPES, TrimScope, write_elementwise
 from warpkit.toolbox import (
     ELEMENTWISE,
+    TopKByMagnitude,
     karcher_coefficients,
     linear_coefficients,
     model_stock_coefficients,
@@ -382,7 +383,7 @@ def merge_folders(
         stats: dict[str, GroupStats] = {}
         passes = 2 if method in _TWO_PASS else 1
         if method == "ties" and 0.0 < density < 1.0:  # the threshold's counting passes (2 in float32)
-            passes = 1 + (2 if cd == torch.float32 else 4)
+            passes = 1 + TopKByMagnitude([], cd).passes
         bar = tqdm(
             total=passes * sum(len(v) for v in groups.values()),
             unit="tensor",
