@@ -26,7 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from warpkit.anchor import EMAAnchorCallback
-from warpkit.default import prepare_default_model
+from warpkit.workloads.default import prepare_default_model
 
 EMA_RATE = 0.01
 
@@ -106,7 +106,7 @@ class _StepClock(TrainerCallback):
 def grpo_overhead(model_dir: Path, steps: int) -> dict[str, float]:
     from trl import GRPOConfig, GRPOTrainer
 
-    from warpkit.default import review_prompts, vader_reward
+    from warpkit.workloads.default import review_prompts, vader_reward
 
     with tempfile.TemporaryDirectory() as out:
         args = GRPOConfig(

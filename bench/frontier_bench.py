@@ -25,7 +25,7 @@ def _model(name: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if name == "default":
-        from warpkit.default import prepare_default_model
+        from warpkit.workloads.default import prepare_default_model
 
         path = prepare_default_model()
     else:

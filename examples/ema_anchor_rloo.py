@@ -11,7 +11,7 @@ from pathlib import Path
 from trl import RLOOConfig, RLOOTrainer
 
 from warpkit import EMAAnchorCallback
-from warpkit.default import review_prompts, vader_reward
+from warpkit.workloads.default import review_prompts, vader_reward
 from warpkit.testing import save_tiny_model
 
 with tempfile.TemporaryDirectory() as tmp:

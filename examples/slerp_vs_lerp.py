@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from warpkit.merge_io import merge_folders
+from warpkit.merge.folders import merge_folders
 from warpkit.testing import save_tiny_model
 
 with tempfile.TemporaryDirectory() as tmp:

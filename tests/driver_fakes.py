@@ -68,7 +68,7 @@ def _main(output_dir: str, sft: str, crash: str | None = None) -> None:
         fake_train(spec, env, crash_midway=crash == "run" and spec.key == "iter_1/run_2")
 
     if crash == "merge":
-        from warpkit.checkpoint import ShardedWriter
+        from warpkit.merge.checkpoint import ShardedWriter
 
         write = ShardedWriter.write
 

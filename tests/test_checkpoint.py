@@ -10,7 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from warpkit.checkpoint import Checkpoint, ShardedWriter, parse_size, sha256_file
+from warpkit._util.files import sha256_file
+from warpkit.merge.checkpoint import Checkpoint
+from warpkit.merge.writer import ShardedWriter, parse_size
 
 
 def _tensors():

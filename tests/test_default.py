@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from warpkit import default
+from warpkit.workloads import default
 
 
 @pytest.fixture(scope="session")

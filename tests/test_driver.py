@@ -347,7 +347,7 @@ def test_bad_baselines_are_refused(sft, tmp_path):
 def test_other_merge_methods_and_their_settings_reach_the_engine(sft, tmp_path):
     import json
 
-    from warpkit.merge_io import RECIPE_NAME
+    from warpkit.merge.writer import RECIPE_NAME
 
     cfg = tiny_config(tmp_path / "o", sft, merge_method="ties", merge_kwargs={"density": 0.5})
     cfg.iterations = 1

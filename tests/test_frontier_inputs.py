@@ -24,7 +24,7 @@ def _config(reference: Path, policies: list[PolicySpec], **kw) -> FrontierConfig
         "samples_per_prompt": 2,
         "max_new_tokens": 3,
         "batch_size": 8,
-        "reward": "warpkit.default:vader_reward",
+        "reward": "warpkit.workloads.default:vader_reward",
         "device": "cpu",
     } | kw
     return FrontierConfig(reference=str(reference), policies=policies, **settings)

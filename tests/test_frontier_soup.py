@@ -479,7 +479,7 @@ def test_rewarded_soup_tiny_config_end_to_end(soup_root, tmp_path, monkeypatch, 
 
     monkeypatch.setenv("WARPKIT_TINY", str(soup_root))
     config = load_frontier_config(REPO / "configs" / "rewarded_soup_tiny.yaml")
-    assert config.extra_rewards == {"brevity": "warpkit.default:brevity_reward"}
+    assert config.extra_rewards == {"brevity": "warpkit.workloads.default:brevity_reward"}
     out = tmp_path / "out"
     assert (
         main(["frontier", str(REPO / "configs" / "rewarded_soup_tiny.yaml"), "--output_dir", str(out)]) == 0

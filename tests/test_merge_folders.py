@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from warpkit.cli import main
 from warpkit.merge import liti, slerp
-from warpkit.merge_io import merge_folders
+from warpkit.merge.folders import merge_folders
 
 
 def _load(folder: Path) -> dict[str, torch.Tensor]:
@@ -290,9 +290,9 @@ def test_cli_flags_and_yaml_recipe(trio, tmp_path, capsys):
 def test_shipped_merge_configs_parse():
     import yaml
 
-    from warpkit.cli import _MERGE_KEYS
+    from warpkit.cli import MERGE_KEYS
 
     configs = sorted(Path(__file__).resolve().parents[1].glob("configs/merge_*.yaml"))
     assert configs
     for path in configs:
-        assert set(yaml.safe_load(path.read_text())) <= set(_MERGE_KEYS), path
+        assert set(yaml.safe_load(path.read_text())) <= set(MERGE_KEYS), path

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from warpkit.soups import greedy_soup, uniform_soup
+from warpkit.merge.soups import greedy_soup, uniform_soup
 
 
 def _ingredients(folder: Path) -> frozenset[str]:

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from tests import soup_scorers
 from tests.test_frontier_cli import build_tiny_frontier_models
 from warpkit.cli import main
-from warpkit.soups import SOUP_RECORD, check_reward_model, frontier_scorer, uniform_soup, warm
+from warpkit.frontier_scorer import frontier_scorer
+from warpkit.merge.soups import SOUP_RECORD, check_reward_model, uniform_soup, warm
 
 PROMPTS = ["The film opens with", "I went in expecting", "The lead actor is", "Overall, this movie is"]
 

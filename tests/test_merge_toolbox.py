@@ -11,21 +11,15 @@ import torch
 from safetensors.torch import load_file
 
 from warpkit.cli import main
-from warpkit.merge import slerp_coefficients
-from warpkit.merge_io import merge_folders
-from warpkit.toolbox import (
-    TopKByMagnitude,
-    dare,
-    dare_generator,
-    elementwise_task_vector,
+from warpkit.merge import get_method, merge_folders
+from warpkit.merge.coefficients import (
     karcher_coefficients,
     linear_coefficients,
     model_stock_coefficients,
-    negmerge,
+    slerp_coefficients,
     task_arithmetic_coefficients,
-    ties,
-    trim_top_density,
 )
+from warpkit.merge.elementwise import TopKByMagnitude, dare, dare_generator, negmerge, ties, trim_top_density
 
 T = torch.tensor
 
@@ -96,9 +90,7 @@ def test_dare_randomness_is_per_seed_name_and_model():
 def test_negmerge_hand_example_and_edges():
     d = T([[1.0, -2.0, 3.0], [3.0, -4.0, -1.0]])
     assert torch.equal(negmerge(d), T([2.0, -3.0, 0.0]))
-    assert torch.equal(
-        elementwise_task_vector("negmerge", d, [1, 1], density=1, seed=0, name="x"), T([-2.0, 3.0, 0.0])
-    )
+    assert torch.equal(get_method("negmerge").merge_task_vectors(d, [1, 1], name="x"), T([-2.0, 3.0, 0.0]))
     assert torch.equal(negmerge(T([[0.0, 1.0], [0.0, 1.0]])), T([0.0, 1.0]))  # zero entries: no consensus
     v = T([1.0, -2.0])
     assert torch.equal(negmerge(torch.stack([v, -v])), torch.zeros(2))
@@ -188,7 +180,10 @@ def trio(tiny_model_factory):
             "dare_ties",
             {"density": 0.5, "seed": 3},
             lambda i, d, n: (
-                i + elementwise_task_vector("dare_ties", torch.stack(d), [1, 1], density=0.5, seed=3, name=n)
+                i
+                + get_method("dare_ties").merge_task_vectors(
+                    torch.stack(d), [1, 1], density=0.5, seed=3, name=n
+                )
             ),
         ),
     ],
@@ -451,6 +446,6 @@ def test_cli_ties_trim_scope(trio, tmp_path):
     )
     got, ref = _state(tmp_path / "m"), _state(want.out)
     assert all(torch.equal(got[n], ref[n]) for n in got)
-    with pytest.raises(SystemExit, match="trim_scope applies to ties only"):
+    with pytest.raises(SystemExit, match="--trim-scope only apply to --method ties, not negmerge"):
         main(["merge", "--method", "negmerge", "--init", str(init), "--models", str(a), str(b),
               "--trim-scope", "model", "--out", str(tmp_path / "x"), "--no-progress"])  # fmt: skip

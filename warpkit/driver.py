@@ -121,7 +121,7 @@ class WarpConfig:
             raise ValueError(
                 "frontier.reference and frontier.policies are filled by the driver; remove them."
             )
-        from warpkit.merge_io import METHODS
+        from warpkit.merge.methods import METHODS
 
         if self.merge_method not in METHODS:
             raise ValueError(f"merge_method={self.merge_method!r}: choose one of {METHODS} (WARP: slerp).")
@@ -208,7 +208,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> WarpC
 
 def tree_digest(folder: str | Path) -> dict[str, str]:
     """sha256 of every file below `folder`, keyed by relative path (sorted)."""
-    from warpkit.checkpoint import sha256_file
+    from warpkit._util.files import sha256_file
 
     folder = Path(folder)
     return {
@@ -367,7 +367,7 @@ def default_merge(
     config: WarpConfig,
 ) -> dict[str, Any]:
     """Stage 2 (SLERP of the policies' task vectors) to `merged_out`, stage 3 (LITI) to `next_init_out`."""
-    from warpkit.merge_io import merge_folders
+    from warpkit.merge.folders import merge_folders
 
     report = merge_folders(
         config.merge_method,
@@ -385,7 +385,7 @@ def default_merge(
 
 def liti_folder(init: Path, merged: Path, out: Path, eta: float, allow_extrapolation: bool) -> None:
     """(1 - η) init + η merged, streamed to `out`: LITI is the LERP of the single model `merged`."""
-    from warpkit.merge_io import merge_folders
+    from warpkit.merge.folders import merge_folders
 
     merge_folders("lerp", init, [merged], out, liti_eta=eta, allow_extrapolation=allow_extrapolation)
 

@@ -153,10 +153,10 @@ class FrontierConfig:
 
     reference: str
     policies: list[PolicySpec] = field(default_factory=list)
-    reward: str = "warpkit.default:vader_reward"
+    reward: str = "warpkit.workloads.default:vader_reward"
     extra_rewards: dict[str, str] = field(default_factory=dict)
     reward_axes: list[str] | None = None
-    prompts: str | list[str] = "warpkit.default:review_prompts"
+    prompts: str | list[str] = "warpkit.workloads.default:review_prompts"
     prompts_kwargs: dict[str, Any] = field(default_factory=lambda: {"split": "eval"})
     num_prompts: int | None = 64
     samples_per_prompt: int = 2

@@ -40,7 +40,7 @@ from warpkit.frontier_inputs import (
 )
 from warpkit.pareto import hypervolume, pareto_front, pareto_front_max, reward_at_matched_kl
 
-__all__ = ["FrontierResult", "run_frontier", "write_frontier"]
+__all__ = ["FrontierResult", "print_frontier", "run_frontier", "write_frontier"]
 
 COLUMNS = [
     "name", "method", "kind", "spec", "step", "eta", "reward_mean", "reward_stderr", "kl_mean", "kl_stderr",
@@ -188,7 +188,7 @@ def _check_soup_tensors(name: str, soup: SoupSweep) -> None:
 
     Folders with pickled weights only (allow_pickle) are checked later, when their state dicts load.
     """
-    from warpkit.checkpoint import Checkpoint
+    from warpkit.merge.checkpoint import Checkpoint
 
     if not all(any(Path(m).glob("*.safetensors")) for m in soup.models):
         return
@@ -216,7 +216,7 @@ def _resolve_default(config: FrontierConfig) -> None:
     folders += [m for p in config.policies if p.soup is not None for m in p.soup.models]
     if "default" not in folders:
         return
-    from warpkit.default import prepare_default_model
+    from warpkit.workloads.default import prepare_default_model
 
     path = str(prepare_default_model())
     config.reference = path if config.reference == "default" else config.reference
@@ -561,3 +561,32 @@ def _plot_rewards(result: FrontierResult, path: Path) -> None:
         xlabel=label(x_axis),
         ylabel=label(y_axis),
     )
+
+
+def print_frontier(result: FrontierResult) -> None:
+    """The table `warpkit frontier` prints: every point, each method's front, reward fronts, matched KL."""
+    key = f"{result.settings['front_kl']}_mean"
+    print(f"{'point':<28} {'method':<14} {'reward':>16} {'KL (MC)':>16} {'KL (exact/pos)':>16} {'len':>6}")
+    for r in result.points:
+        print(
+            f"{r['name']:<28} {r['method']:<14} {r['reward_mean']:>8.3f} ± {r['reward_stderr']:<5.3f} "
+            f"{r['kl_mean']:>8.3f} ± {r['kl_stderr']:<5.3f} {r['kl_exact_mean']:>8.3f} ± {r['kl_exact_stderr']:<5.3f} "
+            f"{r['length_mean']:>6.1f}"
+        )
+    for method, names in result.fronts.items():
+        hv = result.hypervolume["by_method"][method]
+        print(f"front {method}: {' -> '.join(names)}  (hypervolume {hv:.4g}, KL axis: {key})")
+    if result.reward_fronts:
+        x, y = result.reward_front_axes
+        for method, names in result.reward_fronts.items():
+            print(f"reward front {method} ({x} vs {y}, both maximised): {' -> '.join(names)}")
+    for m in result.matched_kl:
+        if m["kl"]:
+            print(
+                f"reward at matched KL, {m['method_a']} - {m['method_b']}: mean gap {m['mean_gap']:+.4f} "
+                f"over KL [{m['kl'][0]:.3g}, {m['kl'][-1]:.3g}]"
+            )
+        else:
+            print(
+                f"reward at matched KL, {m['method_a']} - {m['method_b']}: their fronts do not overlap in KL"
+            )

@@ -56,11 +56,11 @@ class RLArguments:
 
     algorithm: str = field(default="rloo", metadata={"help": "rloo (default, the paper's) or grpo."})
     reward_funcs: list[str] = field(
-        default_factory=lambda: ["warpkit.default:vader_reward"],
+        default_factory=lambda: ["warpkit.workloads.default:vader_reward"],
         metadata={"help": "'module:function' reward functions or reward-model folders."},
     )
     dataset: str = field(
-        default="warpkit.default:review_prompts",
+        default="warpkit.workloads.default:review_prompts",
         metadata={"help": "'module:function' returning a Dataset, a data file, or a save_to_disk folder."},
     )
     dataset_split: str = field(default="train", metadata={"help": "Split passed to a dataset function."})
@@ -88,12 +88,12 @@ def resolve_model_path(name: str) -> str:
     model's path, so the init must be a folder on disk.
     """
     if name == "warpkit:default":
-        from warpkit.default import prepare_default_model
+        from warpkit.workloads.default import prepare_default_model
 
         return str(prepare_default_model())
     if name == "warpkit:tiny":
-        from warpkit.default import cache_dir
         from warpkit.testing import save_tiny_model
+        from warpkit.workloads.default import cache_dir
 
         path = cache_dir() / "tiny-llama-h32-l2-s0"
         if not (path / "config.json").is_file():

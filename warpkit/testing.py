@@ -10,13 +10,21 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-__all__ = ["CHAT_TEMPLATE", "make_tiny_model", "make_tiny_tokenizer", "save_tiny_model"]
+from warpkit._util.files import atomic_dir
+
+__all__ = [
+    "CHAT_TEMPLATE",
+    "POSITIVE_TOKENS",
+    "build_tiny_frontier_models",
+    "make_tiny_model",
+    "make_tiny_tokenizer",
+    "save_tiny_model",
+]
 
 Arch = Literal["llama", "gpt2"]
 
@@ -128,9 +136,7 @@ def save_tiny_model(
     Returns the folder, which `AutoModelForCausalLM.from_pretrained` and TRL trainers accept as is.
     """
     save_dir = Path(save_dir)
-    save_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{save_dir.name}.tmp-", dir=save_dir.parent))
-    try:
+    with atomic_dir(save_dir, overwrite=True) as tmp:
         make_tiny_tokenizer(tmp)
         model = make_tiny_model(
             arch,
@@ -141,10 +147,47 @@ def save_tiny_model(
             dtype=dtype,
         )
         model.save_pretrained(tmp)
-        if save_dir.exists():
-            shutil.rmtree(save_dir)
-        tmp.rename(save_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return save_dir
+
+
+# Token ids of ten positive words in GPT-2's vocabulary: " great", " good", " love", ...
+POSITIVE_TOKENS = [1049, 922, 1842, 7932, 1266, 3772, 6275, 4998, 4950, 2818]
+
+
+def build_tiny_frontier_models(root: str | Path) -> Path:
+    """The hand-made policies of `configs/frontier_tiny.yaml` under `root`: sft, bias-2/4/6 and
+    noisy/checkpoint-{100..400}; returns `root`.
+
+    A tiny random GPT-2 whose final LayerNorm has one constant output unit (weight 0, bias 1), so column 0
+    of lm_head is an exact per-token logit bias. A policy adds a bias b to `POSITIVE_TOKENS`: the KL to the
+    SFT and the VADER reward both grow with b, a real trade-off without any training. The noisy
+    "checkpoints" add growing weight noise to growing biases (a trajectory that drifts).
+    """
+    import copy
+
+    root = Path(root)
+    tokenizer = make_tiny_tokenizer(root / "tokenizer")
+    base = make_tiny_model("gpt2", tie_word_embeddings=False, hidden_size=32, num_layers=2, seed=0)
+    with torch.no_grad():
+        base.transformer.ln_f.weight[0] = 0.0
+        base.transformer.ln_f.bias[0] = 1.0
+        base.lm_head.weight[:, 0] = 0.0
+
+    def variant(folder: Path, bias: float, noise: float = 0.0) -> None:
+        model = copy.deepcopy(base)
+        with torch.no_grad():
+            model.lm_head.weight[POSITIVE_TOKENS, 0] = bias
+            g = torch.Generator().manual_seed(7)
+            for p in model.transformer.h.parameters():
+                p.add_(noise * torch.randn(p.shape, generator=g))
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    variant(root / "sft", 0.0)
+    for b in (2, 4, 6):
+        variant(root / f"bias-{b}", b)
+    for step, (b, noise) in zip(
+        (100, 200, 300, 400), ((1.5, 0.3), (3, 0.6), (4.5, 0.9), (6, 1.2)), strict=True
+    ):
+        variant(root / "noisy" / f"checkpoint-{step}", b, noise)
+    return root

@@ -2,36 +2,34 @@
 
 A soup is a weighted average of fine-tunes of one init: `merge_folders("linear", ...)`. The greedy soup
 sorts the candidates by a validation score and adds each one only if the soup's score improves; the score
-is any callable `folder -> float`, e.g. `frontier_scorer`: the candidate's mean reward (minus a KL
-penalty) under a frontier evaluation. WARM is the same average applied to reward models (sequence-
+is any callable `folder -> float`, e.g. `warpkit.frontier.scorer.frontier_scorer`: the candidate's mean
+reward (minus a KL penalty) under a frontier evaluation. WARM is the same average applied to reward models (sequence-
 classification heads included: the merge engine is tensor-name based), so its result is usable as the
 reward model of a run (`reward_funcs: [folder]`) or of a frontier (`reward: folder`).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from warpkit.merge_io import merge_folders
-
-if TYPE_CHECKING:
-    from warpkit.frontier_config import FrontierConfig
+from warpkit._util.files import TMP_MARK, publish_dir
+from warpkit.merge.folders import merge_folders
 
 __all__ = [
     "SOUP_RECORD",
-    "FrontierScorer",
     "SoupResult",
     "check_reward_model",
-    "frontier_scorer",
     "greedy_soup",
+    "run_greedy_soup",
+    "run_soup",
+    "run_warm",
     "uniform_soup",
     "warm",
 ]
@@ -159,90 +157,6 @@ def warm(
     return uniform_soup(paths, out, weights, **merge_kwargs)
 
 
-# ----------------------------------------------------------------------------- frontier scorer
-
-
-class FrontierScorer:
-    """`folder -> reward_mean - kl_coef * KL_mean` from one frontier evaluation of the folder.
-
-    The RLHF objective E[r(x, y)] - beta KL(pi || pi_sft) (beta = `kl_coef`) estimated with the
-    frontier's sampler: the config's reference, reward, prompts and sampling settings (temperature,
-    max_new_tokens, seed: common random numbers, so two candidates see the same draws), its KL estimator
-    `front_kl`. Its `policies` are ignored (replaced by the candidate) and the reference is not evaluated.
-    Results are cached per folder path and the size and mtime of its files, so a folder rewritten in place
-    is evaluated again. `rows[str(folder)]` keeps the full frontier row of the last evaluation.
-    """
-
-    def __init__(self, config: FrontierConfig, *, kl_coef: float = 0.0, progress: bool = False) -> None:
-        if not (math.isfinite(kl_coef) and kl_coef >= 0):
-            raise ValueError(
-                f"kl_coef={kl_coef} must be finite and >= 0: it is the KL penalty beta of "
-                "reward - beta * KL (0: plain mean reward)."
-            )
-        self.config = copy.deepcopy(config)
-        self.config.policies = []
-        self.config.include_reference = False
-        self.kl_coef = float(kl_coef)
-        self.progress = progress
-        self.rows: dict[str, dict[str, Any]] = {}
-        self._cache: dict[tuple, float] = {}
-        self.description = (
-            f"frontier_scorer(reward={self.config.reward!r}, reference={self.config.reference!r}, "
-            f"kl_coef={self.kl_coef:g}, kl={self.config.front_kl})"
-        )
-
-    def objective(self, row: dict[str, Any]) -> float:
-        """reward_mean - kl_coef * <front_kl>_mean of one frontier row (no KL term when kl_coef is 0)."""
-        if self.kl_coef == 0.0:
-            return float(row["reward_mean"])
-        return float(row["reward_mean"]) - self.kl_coef * float(row[f"{self.config.front_kl}_mean"])
-
-    def __call__(self, folder: str | Path) -> float:
-        from warpkit.frontier_config import PolicySpec
-        from warpkit.frontier_run import run_frontier
-
-        folder = Path(folder).resolve()
-        if not folder.is_dir():
-            raise ValueError(f"cannot score {folder}: not a folder.")
-        key = (str(folder), tuple((p.name, *_stat(p)) for p in sorted(folder.iterdir()) if p.is_file()))
-        if key in self._cache:
-            return self._cache[key]
-        config = copy.deepcopy(self.config)
-        config.policies = [PolicySpec(name="candidate", method="soup", path=str(folder))]
-        (row,) = run_frontier(config, progress=self.progress).points
-        value = self.objective(row)
-        if not math.isfinite(value):
-            raise ValueError(
-                f"the frontier evaluation of {folder} gave a non-finite score {value} (reward_mean "
-                f"{row['reward_mean']}, {row['num_reward_skipped']} rewards skipped): a greedy soup cannot "
-                "rank it. Check the reward (on_nan_reward: skip drops NaN rewards from the mean)."
-            )
-        self.rows[str(folder)] = row
-        self._cache[key] = value
-        return value
-
-
-def _stat(p: Path) -> tuple[int, int]:
-    s = p.stat()
-    return s.st_size, s.st_mtime_ns
-
-
-def frontier_scorer(
-    config: FrontierConfig | str | Path, *, kl_coef: float = 0.0, progress: bool = False
-) -> FrontierScorer:
-    """A greedy-soup scorer from a frontier config (a `FrontierConfig` or its YAML file; `policies` may be
-    empty, they are ignored): see `FrontierScorer`.
-
-    Example: `greedy_soup(runs, frontier_scorer("frontier.yaml", kl_coef=0.1), "soup")` keeps a run only
-    if the soup's mean reward minus 0.1 x its KL to the reference (nats per completion) improves.
-    """
-    from warpkit.frontier_config import FrontierConfig, load_frontier_config
-
-    if not isinstance(config, FrontierConfig):
-        config = load_frontier_config(config)
-    return FrontierScorer(config, kl_coef=kl_coef, progress=progress)
-
-
 # ----------------------------------------------------------------------------- greedy soup
 
 
@@ -265,8 +179,8 @@ def greedy_soup(
     higher is better), the best one is the start, and each next one joins only if `score` of the uniform
     soup strictly improves.
 
-    score: e.g. a validation accuracy, or `frontier_scorer(...)` (mean reward minus a KL penalty).
-    scores: precomputed candidate scores, one per model (saves one evaluation each).
+    score: e.g. a validation accuracy, or `warpkit.frontier.scorer.frontier_scorer(...)` (mean reward
+    minus a KL penalty). scores: precomputed candidate scores, one per model (saves one evaluation each).
     Example: candidate scores (0.7, 0.9, 0.8) -> order B, C, A; the soup starts as B (0.9); {B, C} scores
     0.92 > 0.9: kept; {B, C, A} scores 0.91: A left out. Result: the soup of B and C, score 0.92.
     The history (order, every score, kept flags, ingredients) is written to `out/warpkit_soup.json`; the
@@ -289,60 +203,98 @@ def greedy_soup(
             "the models' order, or none (each candidate is then scored)."
         )
     _check_soup_inputs(paths)
-    if scores is None:
-        scores = [float(score(p)) for p in paths]
-    scores = [float(s) for s in scores]
+    scores = [float(s) for s in (scores if scores is not None else [score(p) for p in paths])]
     if any(math.isnan(s) for s in scores):
         raise ValueError(f"candidate scores {scores} contain NaN: they cannot be sorted; fix the scorer.")
     order = sorted(range(len(paths)), key=lambda i: -scores[i])
-    ingredients, best = [paths[order[0]]], scores[order[0]]
-    result = SoupResult(
-        out=out,
-        ingredients=ingredients,
-        score=best,
-        history=[(str(ingredients[0]), best, True)],
-        candidate_scores=scores,
-    )
+    first = paths[order[0]]
+    result = SoupResult(out, [first], scores[order[0]], [(str(first), scores[order[0]], True)], scores)
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.soup-", dir=out.parent))  # same filesystem: rename
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_MARK}", dir=out.parent))  # same filesystem: rename
     try:
-        best_folder: Path | None = None
-        for step, i in enumerate(order[1:]):
-            candidate = work / f"step{step}"
-            uniform_soup([*ingredients, paths[i]], candidate, **merge_kwargs)
-            value = float(score(candidate))
-            kept = value > best  # NaN never improves
-            result.history.append((str(paths[i]), value, kept))
-            if kept:
-                ingredients.append(paths[i])
-                best = value
-                if best_folder is not None:
-                    shutil.rmtree(best_folder)
-                best_folder = candidate
-            else:
-                shutil.rmtree(candidate)
-        if best_folder is None:  # no mixture beat the best single model: the soup is that model
-            best_folder = Path(shutil.copytree(ingredients[0], work / "single"))
-        steps, soup = [], []  # each step's soup: the ingredients kept so far plus its candidate
-        for candidate, value, kept in result.history:
-            steps.append({"candidate": candidate, "soup": [*soup, candidate], "score": value, "kept": kept})
-            soup += [candidate] if kept else []
+        best_folder = _grow_soup(result, [paths[i] for i in order[1:]], score, work, merge_kwargs)
         record = {
             "warpkit_soup": 1,
             "method": "greedy_soup",
             "scorer": _describe(score),
             "candidates": [{"path": str(p), "score": s} for p, s in zip(paths, scores, strict=True)],
             "order": [str(paths[i]) for i in order],
-            "steps": steps,
-            "ingredients": [str(p) for p in ingredients],
-            "score": best,
+            "steps": _steps(result.history),
+            "ingredients": [str(p) for p in result.ingredients],
+            "score": result.score,
         }
         # Inside the folder before the rename: the soup and its history appear together or not at all.
         (best_folder / SOUP_RECORD).write_text(json.dumps(record, indent=2, allow_nan=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        best_folder.rename(out)
+        publish_dir(best_folder, out, overwrite=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    result.ingredients, result.score = ingredients, best
     return result
+
+
+def _grow_soup(
+    result: SoupResult, candidates: list[Path], score: Scorer, work: Path, merge_kwargs: dict[str, Any]
+) -> Path:
+    """Try each candidate in order; keep it when the soup's score strictly improves (NaN never does).
+
+    Updates `result` (ingredients, score, history) and returns the folder of the best soup, under `work`.
+    """
+    best_folder: Path | None = None
+    for step, path in enumerate(candidates):
+        candidate = work / f"step{step}"
+        uniform_soup([*result.ingredients, path], candidate, **merge_kwargs)
+        value = float(score(candidate))
+        kept = value > result.score
+        result.history.append((str(path), value, kept))
+        if kept:
+            result.ingredients.append(path)
+            result.score = value
+            if best_folder is not None:
+                shutil.rmtree(best_folder)
+            best_folder = candidate
+        else:
+            shutil.rmtree(candidate)
+    if best_folder is None:  # no mixture beat the best single model: the soup is that model
+        best_folder = Path(shutil.copytree(result.ingredients[0], work / "single"))
+    return best_folder
+
+
+def _steps(history: list[tuple[str, float, bool]]) -> list[dict[str, Any]]:
+    """Each step of the history with its soup: the ingredients kept so far plus its candidate."""
+    steps, soup = [], []
+    for candidate, value, kept in history:
+        steps.append({"candidate": candidate, "soup": [*soup, candidate], "score": value, "kept": kept})
+        soup += [candidate] if kept else []
+    return steps
+
+
+# ----------------------------------------------------------------------------- `warpkit merge` runners
+# The registry (`warpkit.merge.methods`) names these; each returns the line `warpkit merge` prints.
+
+
+def run_soup(
+    models: Sequence[str], out: str, weights: Sequence[float] | None, params: Mapping[str, Any], **common
+) -> str:
+    """`warpkit merge --method soup`: the (weighted) average of the models."""
+    path = uniform_soup(models, out, weights, **common)
+    return f"{path} (soup of {len(models)} models)"
+
+
+def run_warm(
+    models: Sequence[str], out: str, weights: Sequence[float] | None, params: Mapping[str, Any], **common
+) -> str:
+    """`warpkit merge --method warm`: the (weighted) average of reward models."""
+    path = warm(models, out, weights, **common)
+    return f"{path} (warm of {len(models)} reward models)"
+
+
+def run_greedy_soup(
+    models: Sequence[str], out: str, weights: Sequence[float] | None, params: Mapping[str, Any], **common
+) -> str:
+    """`warpkit merge --method greedy_soup`: `params["score"]` is the scorer the caller built from
+    `scorer` (an imported callable) or `score_config` (a frontier evaluation)."""
+    result = greedy_soup(models, params["score"], out, scores=params.get("scores"), **common)
+    lines = [f"  {'kept   ' if kept else 'dropped'} {c}: soup score {v:.6g}" for c, v, kept in result.history]
+    lines.append(
+        f"{result.out} (greedy_soup of {len(result.ingredients)}/{len(models)} models, score {result.score:.6g})"
+    )
+    return "\n".join(lines)

@@ -1,157 +1,43 @@
-"""The merge toolbox beside WARP's SLERP: task arithmetic, TIES, DARE, NegMerge, Model Stock, Karcher mean.
+"""Element-wise merge rules: TIES, DARE and NegMerge map the task vectors d (M, n) of a tensor, or of a chunk
+of its rows, to one merged task vector (n,). Pure torch, no transformers import.
 
-Pure torch, no transformers import. Two kinds of method, matching the two ways `merge_io` streams:
+Each method has one chunk function with the signature the streaming engine calls (`warpkit.merge.stream`),
 
-- Coefficient methods decide, from a group's Gram matrix G[i, j] = <d_i, d_j> alone, one coefficient c_m
-  per model, and the merge is init + sum_m c_m d_m: `linear`, `task_arithmetic`, `model_stock`, `karcher`
-  (like `warpkit.merge.slerp_coefficients`). They return a `GroupStats`.
-- Element-wise methods need the task vectors themselves, tensor by tensor: `ties`, `dare`, `negmerge`
-  map d (M, n) to one merged task vector (n,).
+    combine(d, w, *, keep, density, generators) -> merged (n,)      d = theta_m - init, w (M, 1) weights
 
-d_m = theta_m - init throughout; weights w_m are one per model.
+where `keep` (M, n) is TIES's trim mask (None: keep all) and `generators` DARE's per-model random streams.
+Every method is element-wise once TIES's mask is known, so tensors merge chunk by chunk; the mask's
+threshold comes from `TopKByMagnitude`, an exact streamed top-k. The in-memory functions `ties`, `dare`
+and `negmerge` are the same rules on a whole tensor, with hand examples in their docstrings.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Sequence
 
 import torch
 
-from warpkit.merge import GroupStats, _cosines
-
 __all__ = [
-    "ELEMENTWISE",
     "TopKByMagnitude",
-    "combine_chunk",
     "dare",
     "dare_generator",
-    "elementwise_task_vector",
-    "karcher_coefficients",
-    "linear_coefficients",
-    "model_stock_coefficients",
+    "dare_linear_chunk",
+    "dare_ties_chunk",
+    "keep_mask",
     "negmerge",
-    "task_arithmetic_coefficients",
+    "negmerge_chunk",
     "ties",
+    "ties_chunk",
     "trim_count",
     "trim_top_density",
 ]
 
 
-def _stats(
-    gram: torch.Tensor, coefficients: Sequence[float], numel: int, init_coefficient=None
-) -> GroupStats:
-    g = gram.to(torch.float64)
-    c = torch.tensor(list(coefficients), dtype=torch.float64)
-    s = GroupStats(numel=numel, norms=g.diagonal().clamp_min(0).sqrt().tolist(), cosines=_cosines(g))
-    s.coefficients = c.tolist()
-    s.merged_norm = max(float(c @ g @ c), 0.0) ** 0.5
-    s.init_coefficient = init_coefficient
-    return s
-
-
-def linear_coefficients(
-    gram: torch.Tensor, weights: Sequence[float], numel: int = 0, *, normalize: bool = True
-) -> GroupStats:
-    """Weighted average of the weights: sum_m w_m theta_m / sum_m w_m (normalize) or sum_m w_m theta_m.
-
-    Example: weights (1, 3), normalized: theta = 0.25 theta_1 + 0.75 theta_2. Unnormalized weights (1, 1)
-    give theta_1 + theta_2 (init coefficient 0, not 1 - sum c). A zero weight sum cannot be normalized.
-    """
-    if not normalize:
-        return _stats(gram, list(weights), numel, init_coefficient=0.0)
-    total = math.fsum(weights)
-    if abs(total) < 1e-12:
-        raise ValueError(
-            f"linear weights {list(weights)} sum to zero: cannot normalize; pass normalize=False."
-        )
-    return _stats(gram, [w / total for w in weights], numel)
-
-
-def task_arithmetic_coefficients(
-    gram: torch.Tensor, weights: Sequence[float], numel: int = 0, *, scale: float = 1.0
-) -> GroupStats:
-    """Task arithmetic (Ilharco et al. 2023): init + scale * sum_m w_m d_m; negative w_m negate (unlearn).
-
-    Example: weights (1, -0.5), scale 1: init + d_1 - 0.5 d_2. Weights are not normalized.
-    """
-    return _stats(gram, [scale * w for w in weights], numel)
-
-
-def model_stock_coefficients(gram: torch.Tensor, numel: int = 0) -> GroupStats:
-    """Model Stock (Jang et al. 2024): init + t * mean_m d_m, t = k cos / (1 + (k - 1) cos), clamped to [0, 1].
-
-    cos is the mean pairwise cosine of the k >= 2 task vectors in the group (a pair with a zero vector
-    counts as cos 0). Example: k = 2, cos = 0.5: t = 1 / 1.5 = 2/3, so c = (1/3, 1/3). At cos ~ 0 (WARP's
-    independent RL runs) t ~ 0: it undoes the update, which is why WARP does not use it for LITI.
-    """
-    k = gram.shape[0]
-    if k < 2:
-        raise ValueError(f"model_stock needs at least 2 fine-tunes, got {k}.")
-    cos = torch.tensor(_cosines(gram.to(torch.float64)))
-    mean_cos = float((cos.sum() - cos.diagonal().sum()) / (k * (k - 1)))
-    denom = 1 + (k - 1) * mean_cos
-    t = 0.0 if denom <= 0 else min(1.0, max(0.0, k * mean_cos / denom))
-    stats = _stats(gram, [t / k] * k, numel)
-    stats.angles_deg = [math.degrees(math.acos(max(-1.0, min(1.0, mean_cos))))]
-    return stats
-
-
-def karcher_coefficients(
-    gram: torch.Tensor, weights: Sequence[float] | None = None, numel: int = 0, *, iters: int = 100
-) -> GroupStats:
-    """Weighted spherical (Karcher) mean of M task vectors, by tangent-space iteration on the unit sphere.
-
-    Direction: the point x minimizing sum_m w_m angle(x, d_m)^2; norm: sum_m w_m |d_m| / sum w. Run in
-    the span of the d_m using G only. For two vectors of equal norm and equal weights it is WARP's SLERP
-    at λ = 1/2. Zero task vectors carry no direction and are left out (their weight too); all zero: init.
-    """
-    g = gram.to(torch.float64)
-    m = g.shape[0]
-    w = torch.tensor(list(weights) if weights is not None else [1.0] * m, dtype=torch.float64)
-    if (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"karcher weights must be >= 0 with a positive sum, got {w.tolist()}.")
-    norms = g.diagonal().clamp_min(0).sqrt()
-    live = norms > 0
-    if not live.any() or w[live].sum() <= 0:
-        return _stats(gram, [0.0] * m, numel)
-    w = torch.where(live, w, torch.zeros_like(w))
-    w = w / w.sum()
-    safe = torch.where(live, norms, torch.ones_like(norms))
-    u = g / (safe[:, None] * safe[None, :])  # Gram of the unit vectors u_m (rows of dead ones unused)
-    x = w.clone()  # coefficients over u: start at the normalized weighted chord mean
-    for _ in range(iters):
-        nx = float(x @ u @ x) ** 0.5
-        if nx == 0:  # e.g. two anti-parallel vectors: no unique mean, fall back to the chord (LERP)
-            break
-        x = x / nx
-        cos = (u @ x).clamp(-1, 1)
-        theta = torch.arccos(cos)
-        factor = torch.where(
-            theta > 1e-12, theta / torch.sin(theta).clamp_min(1e-300), torch.ones_like(theta)
-        )
-        v = torch.zeros(m, dtype=torch.float64)
-        for i in range(m):
-            if live[i]:
-                e = torch.zeros(m, dtype=torch.float64)
-                e[i] = 1.0
-                v += w[i] * factor[i] * (e - cos[i] * x)  # log map of u_i at x
-        nv = float(v @ u @ v) ** 0.5
-        if nv < 1e-13:
-            break
-        x = math.cos(nv) * x + math.sin(nv) / nv * v  # exp map
-    nx = float(x @ u @ x) ** 0.5
-    radius = float((w * norms).sum())
-    coefs = torch.where(live, x / max(nx, 1e-300) * radius / safe, torch.zeros_like(x)) if nx > 0 else w * 0
-    stats = _stats(gram, coefs.tolist(), numel)
-    return stats
-
-
 # ----------------------------------------------------------------------------- element-wise
 
 
-def _keep_mask(d: torch.Tensor, density: float) -> torch.Tensor | None:
+def keep_mask(d: torch.Tensor, density: float) -> torch.Tensor | None:
     """Per row of d (M, n), a bool mask of its k = `trim_count(n, density)` largest magnitudes, exactly k
     even when magnitudes tie at the threshold (common in bf16): the tied entries are taken in index
     order. None means keep everything."""
@@ -179,11 +65,14 @@ def trim_top_density(d: torch.Tensor, density: float) -> torch.Tensor:
     density 1 keeps everything, 0 nothing. For 0 < density * n < 1 one entry is kept, so a small density
     never drops a whole task vector (mergekit's gap). Exactly k entries, ties at the threshold included.
     """
-    keep = _keep_mask(d, density)
+    keep = keep_mask(d, density)
     return d.clone() if keep is None else torch.where(keep, d, 0.0)
 
 
-def _ties_block(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def disjoint_mean(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """TIES's elect-and-average of trimmed vectors t (M, n), weights w (M, 1): the sign of sum_m w_m t_m is
+    elected per entry and the entries agreeing with it are averaged (weighted); a sign tie (mass exactly 0)
+    keeps the init, i.e. 0."""
     elected = torch.sign((w * t).sum(0))
     agree = (torch.sign(t) == elected) & (t != 0)
     mass = (w * t * agree).sum(0)
@@ -202,12 +91,12 @@ def ties(
     entries give [3, -2, 2]. The trim needs the whole tensor; the rest runs in cache-sized blocks.
     """
     w = torch.tensor(list(weights), dtype=d.dtype, device=d.device)[:, None]
-    keep = _keep_mask(d, density)
+    keep = keep_mask(d, density)
     out = torch.empty(d.shape[1], dtype=d.dtype, device=d.device)
     for start in range(0, d.shape[1], block):
         part = d[:, start : start + block]
         t = part if keep is None else torch.where(keep[:, start : start + block], part, 0.0)
-        out[start : start + block] = _ties_block(t, w)
+        out[start : start + block] = disjoint_mean(t, w)
     return out
 
 
@@ -244,52 +133,36 @@ def negmerge(d: torch.Tensor) -> torch.Tensor:
     return torch.where(consensus, d.mean(0), 0.0)
 
 
-ELEMENTWISE: tuple[str, ...] = ("ties", "dare_linear", "dare_ties", "negmerge")
+# ----------------------------------------------------------------------------- chunk functions
+# One per method, all with the signature the streaming engine calls; the registry (`warpkit.merge.methods`)
+# names them. d (M, n) task vectors of a chunk, w (M, 1) weights in d's dtype.
 
 
-def combine_chunk(
-    method: str,
-    d: torch.Tensor,
-    weights: Sequence[float],
-    *,
-    keep: torch.Tensor | None = None,
-    density: float = 1.0,
-    generators: Sequence[torch.Generator] | None = None,
-) -> torch.Tensor:
-    """The merged task vector (n,) of a chunk of task vectors d (M, n) for an element-wise method.
-
-    Every method is element-wise once TIES's trim mask `keep` (M, n) is known (None: keep all), so a
-    tensor can be merged chunk by chunk. DARE draws its mask from `generators` (one per model), consumed
-    in order: chunks of one tensor taken in row order draw exactly the numbers one whole-tensor draw
-    would, so the result does not depend on the chunk size.
-    ties: the disjoint mean of the trimmed vectors. dare_linear: sum_m w_m dare(d_m). dare_ties: TIES
-    without trimming on the DARE'd vectors. negmerge: -negmerge(d) (negation built in; weights unused).
-    """
-    w = torch.tensor(list(weights), dtype=d.dtype, device=d.device)[:, None]
-    if method == "ties":
-        return _ties_block(d if keep is None else torch.where(keep, d, 0.0), w)
-    if method in ("dare_linear", "dare_ties"):
-        if generators is None or len(generators) != d.shape[0]:
-            raise ValueError("dare needs one generator per model (see dare_generator).")
-        dropped = torch.stack([dare(d[m], density, generators[m]) for m in range(d.shape[0])])
-        return _ties_block(dropped, w) if method == "dare_ties" else (w * dropped).sum(0)
-    if method == "negmerge":
-        return -negmerge(d)
-    raise ValueError(f"{method!r} is not an element-wise method {ELEMENTWISE}.")
+def ties_chunk(d: torch.Tensor, w: torch.Tensor, *, keep: torch.Tensor | None, **_) -> torch.Tensor:
+    """TIES on a chunk: the disjoint mean of the trimmed task vectors (`keep` is the trim mask)."""
+    return disjoint_mean(d if keep is None else torch.where(keep, d, 0.0), w)
 
 
-def elementwise_task_vector(
-    method: str, d: torch.Tensor, weights: Sequence[float], *, density: float, seed: int, name: str
-) -> torch.Tensor:
-    """The merged task vector (n,) of one whole tensor's task vectors d (M, n); see `combine_chunk`.
+def _dropped(d: torch.Tensor, density: float, generators: Sequence[torch.Generator] | None) -> torch.Tensor:
+    if generators is None or len(generators) != d.shape[0]:
+        raise ValueError("dare needs one generator per model (see dare_generator).")
+    return torch.stack([dare(d[m], density, generators[m]) for m in range(d.shape[0])])
 
-    TIES trims each row of d to its own top density (per tensor); DARE's masks come from
-    `dare_generator(seed, name, m)`.
-    """
-    if method == "ties":
-        return ties(d, weights, density)
-    generators = [dare_generator(seed, name, m) for m in range(d.shape[0])]
-    return combine_chunk(method, d, weights, density=density, generators=generators)
+
+def dare_linear_chunk(d: torch.Tensor, w: torch.Tensor, *, density: float, generators, **_) -> torch.Tensor:
+    """DARE then a weighted sum: sum_m w_m dare(d_m). Masks drawn from `generators` in row order, so chunks
+    taken in row order draw exactly what one whole-tensor draw would (the result ignores the chunk size)."""
+    return (w * _dropped(d, density, generators)).sum(0)
+
+
+def dare_ties_chunk(d: torch.Tensor, w: torch.Tensor, *, density: float, generators, **_) -> torch.Tensor:
+    """DARE then TIES without trimming: the disjoint mean of the DARE'd task vectors."""
+    return disjoint_mean(_dropped(d, density, generators), w)
+
+
+def negmerge_chunk(d: torch.Tensor, w: torch.Tensor, **_) -> torch.Tensor:
+    """-negmerge(d): NegMerge's consensus, negated (the engine then scales it); weights unused."""
+    return -negmerge(d)
 
 
 # ----------------------------------------------------------------------------- streamed top-k

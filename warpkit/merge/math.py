@@ -13,8 +13,9 @@ and for M > 2 the paper's recursion, every call relative to the same init:
 
 Every merged task vector is a linear combination sum_m c_m d_m, so a merge is decided by the Gram
 matrix G[i, j] = <d_i, d_j> of each group of parameters: `slerp_coefficients` runs the recursion on G
-alone (in float64), and the tensors are combined once. This is what lets `warpkit.merge_io` stream
-checkpoints: one pass accumulates G per group, a second writes sum_m c_m theta_m + (1 - sum_m c_m) init.
+alone (in float64, `warpkit.merge.coefficients`), and the tensors are combined once. This is what lets
+`warpkit.merge.stream` stream checkpoints: one pass accumulates G per group, a second writes
+sum_m c_m theta_m + (1 - sum_m c_m) init. The functions here are the in-memory versions, on state dicts.
 """
 
 from __future__ import annotations
@@ -22,25 +23,26 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
+from warpkit._util.tensors import check_same_tensors
+from warpkit.merge.coefficients import GroupStats, lerp_coefficients, slerp_coefficients
+
 __all__ = [
     "GRANULARITIES",
     "Granularity",
-    "GroupStats",
+    "State",
+    "check_eta",
+    "check_states",
     "combine",
     "gram_matrix",
     "group_key",
     "lerp",
-    "lerp_coefficients",
     "liti",
     "merge_lambdas",
     "slerp",
-    "slerp_coefficients",
-    "stats_to_log",
     "task_vector",
     "weighted_average",
 ]
@@ -48,10 +50,6 @@ __all__ = [
 State = Mapping[str, torch.Tensor]
 Granularity = Literal["block", "tensor", "model"]
 GRANULARITIES: tuple[str, ...] = ("block", "tensor", "model")
-
-# sin(Ω) below this means parallel or anti-parallel task vectors: SLERP is 0/0 there, LERP is its limit
-# at Ω -> 0 and the only bounded choice at Ω -> π.
-SIN_EPS = 1e-6
 
 _BLOCK = re.compile(r"^(.*?\.\d+)\.")  # "model.layers.3.mlp.up_proj.weight" -> "model.layers.3"
 
@@ -74,26 +72,6 @@ def group_key(name: str, granularity: Granularity) -> str:
     if m:
         return m.group(1)
     return name.rsplit(".", 1)[0] if "." in name else name
-
-
-@dataclass
-class GroupStats:
-    """Geometry of one group's task vectors, for logging (keys `merge/<group>/...` via `stats_to_log`).
-
-    norms[m] = |d_m|; cosines[i][j] = cos(d_i, d_j); angles_deg[k-2] = Ω between slerp_{k-1} and d_k at
-    recursion step k (one entry for two models); modes[k-2] = "slerp", "lerp:parallel" or "lerp:zero";
-    merged_norm = |merged task vector|; coefficients c_m with merged = init + sum_m c_m d_m.
-    """
-
-    numel: int
-    norms: list[float]
-    cosines: list[list[float]]
-    angles_deg: list[float] = field(default_factory=list)
-    modes: list[str] = field(default_factory=list)
-    merged_norm: float = 0.0
-    coefficients: list[float] = field(default_factory=list)
-    # merged = init_coefficient * init + sum_m c_m theta_m; None means 1 - sum c (a merge of task vectors)
-    init_coefficient: float | None = None
 
 
 def merge_lambdas(weights: Sequence[float], *, allow_extrapolation: bool = False) -> list[float]:
@@ -131,63 +109,6 @@ def merge_lambdas(weights: Sequence[float], *, allow_extrapolation: bool = False
     return lambdas
 
 
-def _cosines(gram: torch.Tensor) -> list[list[float]]:
-    norms = gram.diagonal().clamp_min(0).sqrt()
-    denom = norms[:, None] * norms[None, :]
-    cos = torch.where(denom > 0, gram / denom.clamp_min(1e-300), torch.zeros_like(gram)).clamp(-1, 1)
-    return cos.tolist()
-
-
-def slerp_coefficients(gram: torch.Tensor, lambdas: Sequence[float], numel: int = 0) -> GroupStats:
-    """Run WARP's SLERP recursion on a Gram matrix G = [<d_i, d_j>] (M x M) of one group, in float64.
-
-    The accumulated task vector a = sum_m c_m d_m has |a|^2 = c^T G c and <a, d_k> = (G c)_k, so each
-    step needs only G. Returns the group's stats, whose `coefficients` give merged = init + sum c_m d_m.
-    """
-    g = gram.to(torch.float64)
-    m = g.shape[0]
-    if g.shape != (m, m) or len(lambdas) != m - 1:
-        raise ValueError(f"Gram matrix {tuple(g.shape)} does not match {len(lambdas)} lambdas.")
-    c = torch.zeros(m, dtype=torch.float64)
-    c[0] = 1.0
-    stats = GroupStats(numel=numel, norms=g.diagonal().clamp_min(0).sqrt().tolist(), cosines=_cosines(g))
-    for k, lam in enumerate(lambdas, start=1):
-        e_k = torch.zeros(m, dtype=torch.float64)
-        e_k[k] = 1.0
-        norm_a = float(c @ g @ c) ** 0.5 if float(c @ g @ c) > 0 else 0.0
-        norm_b = float(g[k, k]) ** 0.5 if float(g[k, k]) > 0 else 0.0
-        if norm_a == 0.0 or norm_b == 0.0:
-            c, mode, omega = (1 - lam) * c + lam * e_k, "lerp:zero", float("nan")
-        else:
-            cos = max(-1.0, min(1.0, float(g[k] @ c) / (norm_a * norm_b)))  # clamp: roundoff can exceed 1
-            omega = math.acos(cos)
-            sin = math.sin(omega)
-            if sin < SIN_EPS:
-                c, mode = (1 - lam) * c + lam * e_k, "lerp:parallel"
-            else:
-                # ---- WARP's SLERP: sin((1-λ)Ω)/sin(Ω) * a + sin(λΩ)/sin(Ω) * d_k ----
-                c = math.sin((1 - lam) * omega) / sin * c + math.sin(lam * omega) / sin * e_k
-                mode = "slerp"
-        stats.angles_deg.append(math.degrees(omega))
-        stats.modes.append(mode)
-    stats.coefficients = c.tolist()
-    stats.merged_norm = max(float(c @ g @ c), 0.0) ** 0.5
-    return stats
-
-
-def lerp_coefficients(gram: torch.Tensor, weights: Sequence[float], numel: int = 0) -> GroupStats:
-    """LERP of task vectors: merged = init + sum_m (w_m / sum w) d_m; stats from the same Gram matrix."""
-    g = gram.to(torch.float64)
-    total = float(sum(weights))
-    if total == 0:
-        raise ValueError(f"merge weights {list(weights)} sum to zero; LERP needs a non-zero sum.")
-    c = torch.tensor([w / total for w in weights], dtype=torch.float64)
-    stats = GroupStats(numel=numel, norms=g.diagonal().clamp_min(0).sqrt().tolist(), cosines=_cosines(g))
-    stats.coefficients = c.tolist()
-    stats.merged_norm = max(float(c @ g @ c), 0.0) ** 0.5
-    return stats
-
-
 def combine(
     init: torch.Tensor,
     models: Sequence[torch.Tensor],
@@ -222,23 +143,21 @@ def gram_matrix(d: torch.Tensor, block: int = 4096) -> torch.Tensor:
     return (g + tail @ tail.T).cpu()
 
 
-def _check_states(init: State, models: Sequence[State]) -> None:
+def check_states(init: State, models: Sequence[State]) -> None:
+    """At least two models, each with the init's tensor names and shapes."""
     if len(models) < 2:
         raise ValueError(f"a merge needs at least 2 models, got {len(models)}.")
     for i, state in enumerate(models):
-        if state.keys() != init.keys():
-            diff = sorted(set(state) ^ set(init))[:5]
-            raise ValueError(f"model {i} and the init have different tensors, e.g. {diff}.")
-        for name, t in state.items():
-            if t.shape != init[name].shape:
-                raise ValueError(
-                    f"{name}: model {i} has shape {tuple(t.shape)}, init {tuple(init[name].shape)}."
-                )
+        check_same_tensors(_shapes(init), _shapes(state), f"model {i}", "the init")
+
+
+def _shapes(state: State) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(t.shape) for n, t in state.items()}
 
 
 def task_vector(init: State, policy: State, *, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """τ = policy - init for every floating tensor, computed in `dtype` (float32 or float64)."""
-    _check_states(init, [policy, policy])
+    check_states(init, [policy, policy])
     return {n: policy[n].to(dtype) - t.to(dtype) for n, t in init.items() if t.is_floating_point()}
 
 
@@ -250,7 +169,7 @@ def _merge(
     dtype: torch.dtype | None,
     compute_dtype: torch.dtype,
 ) -> tuple[dict[str, torch.Tensor], dict[str, GroupStats]]:
-    _check_states(init, models)
+    check_states(init, models)
     groups: dict[str, list[str]] = {}
     for name, t in init.items():
         if t.is_floating_point():
@@ -323,22 +242,8 @@ def lerp(
     return _merge(init, models, lambda g, n: lerp_coefficients(g, w, n), granularity, dtype, compute_dtype)
 
 
-def stats_to_log(stats: Mapping[str, GroupStats], prefix: str = "merge") -> dict[str, float]:
-    """Flatten per-group stats to scalar metrics: `merge/<group>/angle_deg`, `.../cos`, `.../norm_<m>`."""
-    log: dict[str, float] = {}
-    for group, s in stats.items():
-        key = f"{prefix}/{group}"
-        if s.angles_deg:
-            log[f"{key}/angle_deg"] = s.angles_deg[-1]
-        if len(s.norms) >= 2:
-            log[f"{key}/cos"] = s.cosines[0][1]
-        for m, norm in enumerate(s.norms):
-            log[f"{key}/norm_{m}"] = norm
-        log[f"{key}/merged_norm"] = s.merged_norm
-    return log
-
-
-def _check_eta(eta: float, allow_extrapolation: bool) -> None:
+def check_eta(eta: float, allow_extrapolation: bool) -> None:
+    """LITI's η: finite, >= 0, and <= 1 unless extrapolating (η > 1, as ExPO) is allowed explicitly."""
     if not math.isfinite(eta):
         raise ValueError(f"liti_eta must be finite, got {eta}.")
     if eta < 0 or (eta > 1 and not allow_extrapolation):
@@ -356,14 +261,11 @@ def liti(
     eta (η) = 0 returns init, 1 returns merged; the paper uses 0.3 for the next iteration's init.
     Shapes: every tensor of `merged` has the shape of the same-named tensor of `init`.
     """
-    _check_eta(eta, allow_extrapolation)
-    if init.keys() != merged.keys():
-        raise ValueError(f"init and merged have different tensors: {sorted(set(init) ^ set(merged))[:5]}")
+    check_eta(eta, allow_extrapolation)
+    check_same_tensors(_shapes(init), _shapes(merged), "merged", "init")
     out = {}
     for name, a in init.items():
         b = merged[name]
-        if a.shape != b.shape:
-            raise ValueError(f"{name}: init has shape {tuple(a.shape)}, merged {tuple(b.shape)}.")
         if not a.is_floating_point():
             out[name] = a.clone()
             continue
@@ -386,15 +288,7 @@ def weighted_average(states: Sequence[State], weights: Sequence[float]) -> dict[
         )
     first = states[0]
     for i, state in enumerate(states[1:], start=1):
-        if state.keys() != first.keys():
-            raise ValueError(
-                f"state {i} and state 0 have different tensors, e.g. {sorted(set(state) ^ set(first))[:5]}."
-            )
-        bad = [
-            (n, tuple(t.shape), tuple(first[n].shape)) for n, t in state.items() if t.shape != first[n].shape
-        ]
-        if bad:
-            raise ValueError(f"state {i} and state 0 differ in shape (name, shape {i}, shape 0): {bad[:3]}.")
+        check_same_tensors(_shapes(first), _shapes(state), f"state {i}", "state 0")
     out = {}
     for name, t in first.items():
         if not t.is_floating_point():
