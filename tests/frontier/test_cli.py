@@ -18,7 +18,7 @@ import torch
 
 from warpkit.testing import make_tiny_model, make_tiny_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 POSITIVE = [1049, 922, 1842, 7932, 1266, 3772, 6275, 4998, 4950, 2818]  # " great", " good", " love", ...
 
 

@@ -292,7 +292,7 @@ def test_shipped_merge_configs_parse():
 
     from warpkit.cli import MERGE_KEYS
 
-    configs = sorted(Path(__file__).resolve().parents[1].glob("configs/merge_*.yaml"))
+    configs = sorted(Path(__file__).resolve().parents[2].glob("configs/merge_*.yaml"))
     assert configs
     for path in configs:
         assert set(yaml.safe_load(path.read_text())) <= set(MERGE_KEYS), path

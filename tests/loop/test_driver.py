@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from warpkit import driver
 from warpkit.driver import WarpConfig, gpu_slots, load_config, run_warp
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def slerp2_reference(init: torch.Tensor, a: torch.Tensor, b: torch.Tensor, lam: float = 0.5) -> torch.Tensor:

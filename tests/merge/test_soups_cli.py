@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests import soup_scorers
+from tests.merge import scorers as soup_scorers
 from tests.test_frontier_cli import build_tiny_frontier_models
 from warpkit.cli import main
 from warpkit.frontier_scorer import frontier_scorer
@@ -100,7 +100,7 @@ def test_cli_greedy_soup_with_scorer_follows_the_docstring_example(tiny_model_fa
     out = tmp_path / "soup"
     args = ["merge", "--method", "greedy_soup", "--models", *(str(folders[n]) for n in "ABC")]
     assert (
-        main([*args, "--scorer", "tests.soup_scorers:table_score", "--out", str(out), "--no-progress"]) == 0
+        main([*args, "--scorer", "tests.merge.scorers:table_score", "--out", str(out), "--no-progress"]) == 0
     )
     # Candidates scored in input order, then B (0.9) starts, {B, C} 0.92 kept, {A, B, C} 0.91 dropped.
     assert soup_scorers.CALLS == ["A", "B", "C", "B,C", "A,B,C"]
@@ -113,7 +113,7 @@ def test_cli_greedy_soup_with_scorer_follows_the_docstring_example(tiny_model_fa
     ]  # fmt: skip
     assert [Path(p).name for p in record["ingredients"]] == ["B", "C"] and record["score"] == 0.92
     assert [c["score"] for c in record["candidates"]] == [0.7, 0.9, 0.8]
-    assert record["scorer"] == "tests.soup_scorers:table_score"
+    assert record["scorer"] == "tests.merge.scorers:table_score"
     got, b, c = _load(out), _load(folders["B"]), _load(folders["C"])
     for n in got:
         torch.testing.assert_close(got[n], (b[n] + c[n]) / 2, msg=n)
@@ -121,7 +121,7 @@ def test_cli_greedy_soup_with_scorer_follows_the_docstring_example(tiny_model_fa
 
     # Precomputed --scores: no candidate is scored, only the two mixtures.
     soup_scorers.CALLS.clear()
-    again = [*args, "--scorer", "tests.soup_scorers:table_score", "--scores", "0.7", "0.9", "0.8"]
+    again = [*args, "--scorer", "tests.merge.scorers:table_score", "--scores", "0.7", "0.9", "0.8"]
     assert main([*again, "--out", str(tmp_path / "soup2"), "--no-progress"]) == 0
     assert soup_scorers.CALLS == ["B,C", "A,B,C"]
 
@@ -138,7 +138,7 @@ def test_cli_greedy_soup_scored_by_a_frontier_evaluation(frontier_models, tmp_pa
         json.dumps(
             {
                 "reference": str(frontier_models / "sft"),
-                "reward": "tests.soup_scorers:positive_fraction",
+                "reward": "tests.merge.scorers:positive_fraction",
                 "prompts": PROMPTS,
                 "samples_per_prompt": 2,
                 "max_new_tokens": 6,
@@ -316,18 +316,18 @@ def test_cli_refuses_wrong_combinations(tiny_model_factory, tmp_path):
     base = ["merge", "--models", str(a), str(b), str(c), "--out", str(out), "--no-progress"]
     cases = [
         (["--method", "greedy_soup"], "needs exactly one of --scorer"),
-        (["--method", "greedy_soup", "--scorer", "tests.soup_scorers:table_score", "--score-config", "x.yaml"],
+        (["--method", "greedy_soup", "--scorer", "tests.merge.scorers:table_score", "--score-config", "x.yaml"],
          "got both"),
         (["--method", "greedy_soup", "--scorer", "tests.no_such_module:f"], "cannot be imported"),
-        (["--method", "greedy_soup", "--scorer", "tests.soup_scorers:no_such_fn"], "cannot be imported"),
-        (["--method", "greedy_soup", "--scorer", "tests.soup_scorers:NOT_CALLABLE"], "is not callable"),
-        (["--method", "greedy_soup", "--scorer", "tests.soup_scorers:table_score", "--scores", "1", "2"],
+        (["--method", "greedy_soup", "--scorer", "tests.merge.scorers:no_such_fn"], "cannot be imported"),
+        (["--method", "greedy_soup", "--scorer", "tests.merge.scorers:NOT_CALLABLE"], "is not callable"),
+        (["--method", "greedy_soup", "--scorer", "tests.merge.scorers:table_score", "--scores", "1", "2"],
          "--scores has 2 values for 3 --models"),
-        (["--method", "greedy_soup", "--scorer", "tests.soup_scorers:table_score", "--kl-coef", "0.1"],
+        (["--method", "greedy_soup", "--scorer", "tests.merge.scorers:table_score", "--kl-coef", "0.1"],
          "--kl-coef is the KL penalty"),
-        (["--method", "greedy_soup", "--scorer", "tests.soup_scorers:table_score", "--weights", "1", "1", "1"],
+        (["--method", "greedy_soup", "--scorer", "tests.merge.scorers:table_score", "--weights", "1", "1", "1"],
          "takes no --weights"),
-        (["--method", "soup", "--scorer", "tests.soup_scorers:table_score"], "only apply to --method greedy_soup"),
+        (["--method", "soup", "--scorer", "tests.merge.scorers:table_score"], "only apply to --method greedy_soup"),
         (["--method", "slerp", "--init", str(a), "--scores", "1", "2", "3"], "only apply to --method greedy"),
         (["--method", "soup", "--init", str(a)], "takes no --init"),
         (["--method", "soup", "--liti-eta", "0.3"], "--liti-eta do not apply to --method soup"),
@@ -366,7 +366,7 @@ def test_greedy_soup_config_yaml_keys(tiny_model_factory, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({
         "method": "greedy_soup", "models": [str(folders[n]) for n in "ABC"], "out": str(tmp_path / "soup"),
-        "scorer": "tests.soup_scorers:table_score", "scores": [0.7, 0.9, 0.8],
+        "scorer": "tests.merge.scorers:table_score", "scores": [0.7, 0.9, 0.8],
     }))  # fmt: skip
     soup_scorers.CALLS.clear()
     assert main(["merge", "--config", str(recipe), "--no-progress"]) == 0

@@ -1,4 +1,4 @@
-"""Scorers importable by `warpkit merge --method greedy_soup --scorer tests.soup_scorers:<name>`.
+"""Scorers importable by `warpkit merge --method greedy_soup --scorer tests.merge.scorers:<name>`.
 
 `table_score` is the greedy_soup docstring's example: it reads which candidates a folder holds (the
 folder's own name, or the models of its warpkit_merge.json) and looks the score up, recording each call.

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tests" / "anchor_scripts" / "run_anchor.py"
 EMA_RATE = 0.3
 BACKENDS = {

@@ -10,7 +10,7 @@ import yaml
 from warpkit.driver import load_config
 from warpkit.rl import parse_args
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 WARP_CONFIGS = sorted(CONFIGS.glob("warp_*.yaml"))
 
 

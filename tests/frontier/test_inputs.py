@@ -79,7 +79,7 @@ def test_unknown_and_badly_typed_config_fields_are_refused(tmp_path):
 def test_every_shipped_frontier_config_parses(monkeypatch):
     monkeypatch.setenv("WARPKIT_TINY", "/tiny")
     monkeypatch.setenv("WARPKIT_RUN", "/run")
-    shipped = Path(__file__).resolve().parents[1] / "configs"
+    shipped = Path(__file__).resolve().parents[2] / "configs"
     configs = sorted([*shipped.glob("frontier_*.yaml"), *shipped.glob("rewarded_soup_*.yaml")])
     assert {c.name for c in configs} >= {"frontier_tiny.yaml", "rewarded_soup_tiny.yaml"}
     for c in configs:
