@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import load_file
 
 from tests.merge import scorers as soup_scorers
-from tests.test_frontier_cli import build_tiny_frontier_models
 from warpkit.cli import main
 from warpkit.frontier_scorer import frontier_scorer
 from warpkit.merge.soups import SOUP_RECORD, check_reward_model, uniform_soup, warm
+from warpkit.testing import build_tiny_frontier_models
 
 PROMPTS = ["The film opens with", "I went in expecting", "The lead actor is", "Overall, this movie is"]
 
