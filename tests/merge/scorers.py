@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from warpkit.testing import POSITIVE_TOKENS
+
 TABLE = {"A": 0.7, "B": 0.9, "C": 0.8, "B,C": 0.92, "A,B,C": 0.91}
 CALLS: list[str] = []
 NOT_CALLABLE = 3.0
@@ -29,8 +31,6 @@ def table_score(folder: Path) -> float:
 
 def positive_fraction(prompts, completions, completion_ids, **_) -> list[float]:
     """A frontier reward (TRL's signature): the fraction of a completion's tokens that are the ten positive
-    words the hand-made frontier policies of tests/test_frontier_cli.py push up (bias-b: logit bias b)."""
-    from tests.test_frontier_cli import POSITIVE
-
-    positive = set(POSITIVE)
+    words the hand-made frontier policies of `warpkit.testing.build_tiny_frontier_models` push up."""
+    positive = set(POSITIVE_TOKENS)
     return [sum(t in positive for t in ids) / max(len(ids), 1) for ids in completion_ids]
