@@ -2,12 +2,13 @@
 
     accelerate launch --config_file accelerate_configs/<x>.yaml trainers/rl.py --config configs/<y>.yaml
 
-Every field of RLOOConfig/GRPOConfig, TRL's ModelConfig (use_peft, lora_r, ...) and warpkit.rl.RLArguments
+Every field of RLOOConfig/GRPOConfig, TRL's ModelConfig (use_peft, lora_r, ...) and warpkit.loop.rl.RLArguments
 (algorithm, reward_funcs, dataset, anchor, ema_rate, ...) is settable in the YAML or as --field VALUE.
-The script body lives in warpkit.rl, which the WARP driver launches as `accelerate launch -m warpkit.rl`.
+The script body lives in warpkit.loop.rl, which the WARP driver launches as
+`accelerate launch -m warpkit.loop.rl`.
 """
 
-from warpkit.rl import main
+from warpkit.loop.rl import main
 
 if __name__ == "__main__":
     main()

@@ -5,7 +5,7 @@
 Same as `warpkit train`. Runs in a plain process; each RL run is its own `accelerate launch` subprocess.
 """
 
-from warpkit.driver import main
+from warpkit.loop.driver import main
 
 if __name__ == "__main__":
     main()

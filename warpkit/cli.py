@@ -299,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from warpkit._util.log import setup_logging
+
+    setup_logging()
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if rest and args.run is not _train:  # only `train` takes free-form --field VALUE overrides

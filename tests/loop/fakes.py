@@ -3,7 +3,7 @@
 `fake_train(spec, env)` writes `spec.policy_dir` = init + 0.01 * N(0, 1) noise seeded by the run's data_seed,
 so two runs from one init have (nearly) orthogonal task vectors, like independent RL runs.
 
-As a script: `python tests/driver_fakes.py OUTPUT_DIR SFT_DIR [CRASH_POINT]` runs the WARP loop (I=2, M=2) with
+As a script: `python tests/loop/fakes.py OUTPUT_DIR SFT_DIR [CRASH_POINT]` runs the WARP loop (I=2, M=2) with
 the fake trainer and, if CRASH_POINT is given, kills itself with SIGKILL there:
 - `run`: midway through iteration 1's second run, after its policy folder was half written;
 - `merge`: inside iteration 1's merge, after the first tensor was written to the output shard;
@@ -21,7 +21,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from warpkit.driver import RunSpec, WarpConfig, run_warp
+from warpkit.loop.config import WarpConfig
+from warpkit.loop.driver import run_warp
+from warpkit.loop.launch import RunSpec
+from warpkit.loop.manifest import Manifest
+from warpkit.merge.writer import ShardedWriter
 
 
 def fake_policy_state(init_dir: Path, data_seed: int) -> dict[str, torch.Tensor]:
@@ -68,8 +72,6 @@ def _main(output_dir: str, sft: str, crash: str | None = None) -> None:
         fake_train(spec, env, crash_midway=crash == "run" and spec.key == "iter_1/run_2")
 
     if crash == "merge":
-        from warpkit.merge.checkpoint import ShardedWriter
-
         write = ShardedWriter.write
 
         def write_then_die(self, *args, **kwargs):
@@ -80,13 +82,11 @@ def _main(output_dir: str, sft: str, crash: str | None = None) -> None:
 
         ShardedWriter.write = write_then_die
     if crash == "between":
-        from warpkit.driver import Manifest
-
         record = Manifest.record
 
-        def record_then_die(self, key, *args, **kwargs):
-            record(self, key, *args, **kwargs)
-            if key == "iter_1/merge":
+        def record_then_die(self, step, *args, **kwargs):
+            record(self, step, *args, **kwargs)
+            if step.key == "iter_1/merge":
                 os.kill(os.getpid(), signal.SIGKILL)
 
         Manifest.record = record_then_die

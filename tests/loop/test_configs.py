@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from warpkit.driver import load_config
-from warpkit.rl import parse_args
+from warpkit.loop.config import load_config
+from warpkit.loop.rl import parse_args
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 WARP_CONFIGS = sorted(CONFIGS.glob("warp_*.yaml"))

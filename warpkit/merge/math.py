@@ -242,15 +242,23 @@ def lerp(
     return _merge(init, models, lambda g, n: lerp_coefficients(g, w, n), granularity, dtype, compute_dtype)
 
 
-def check_eta(eta: float, allow_extrapolation: bool) -> None:
-    """LITI's η: finite, >= 0, and <= 1 unless extrapolating (η > 1, as ExPO) is allowed explicitly."""
-    if not math.isfinite(eta):
-        raise ValueError(f"liti_eta must be finite, got {eta}.")
-    if eta < 0 or (eta > 1 and not allow_extrapolation):
-        raise ValueError(
-            f"liti_eta={eta} is outside [0, 1]. eta > 1 extrapolates past the merge (as in ExPO); "
-            "pass allow_extrapolation=True (CLI: --allow-extrapolation) if that is what you want."
-        )
+def check_eta(eta: float | Sequence[float], allow_extrapolation: bool, name: str | None = None) -> None:
+    """LITI's η (one value, or a list of them): finite, >= 0, and <= 1 unless extrapolation is allowed.
+
+    One check for every η a user gives (merge, WARP config, frontier sweeps), with one message. η > 1
+    extrapolates past the merge (as in ExPO) and needs `allow_extrapolation`; η < 0 is never allowed.
+    """
+    values = [eta] if isinstance(eta, (int, float)) else list(eta)
+    bad = [e for e in values if not math.isfinite(e) or e < 0 or (e > 1 and not allow_extrapolation)]
+    if not bad:
+        return
+    shown = f"{name or 'liti_eta'}={eta}" if isinstance(eta, (int, float)) else f"{name or 'etas'} {bad}"
+    verb = "is" if isinstance(eta, (int, float)) else "are"
+    raise ValueError(
+        f"{shown} {verb} outside [0, 1]. eta > 1 extrapolates past the merge (as in ExPO): set "
+        "allow_extrapolation (YAML `allow_extrapolation: true`, CLI --allow-extrapolation, Python "
+        "allow_extrapolation=True) if that is what you want; eta < 0 and non-finite values are never allowed."
+    )
 
 
 def liti(

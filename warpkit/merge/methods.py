@@ -149,6 +149,12 @@ class MergeMethod:
 
         A setting of another method is refused, naming the methods it belongs to.
         """
+        unknown = [k for k in settings if not any(k in m.param_names for m in METHODS.values())]
+        if unknown:
+            takes = ", ".join(spell(k, cli) for k in self.param_names) or "no settings"
+            raise ValueError(
+                f"unknown setting(s) {', '.join(spell(k, cli) for k in unknown)}; {self.name} takes {takes}."
+            )
         foreign = [k for k in settings if k not in self.param_names]
         if foreign:
             owners = sorted(
@@ -158,11 +164,11 @@ class MergeMethod:
             if cli:
                 raise ValueError(
                     f"{names} only apply to --method {', '.join(owners)}, not {self.name}; drop them or "
-                    f"use {owners[0] if owners else 'another method'}."
+                    f"use {owners[0]}."
                 )
             verb = "applies" if len(foreign) == 1 else "apply"
             only = " only" if len(owners) == 1 else ""
-            raise ValueError(f"{names} {verb} to {', '.join(owners) or 'no method'}{only}, not {self.name}.")
+            raise ValueError(f"{names} {verb} to {', '.join(owners)}{only}, not {self.name}.")
         return {
             p.name: p.check(settings[p.name], spell(p.name, cli))
             if settings.get(p.name) is not None

@@ -1,6 +1,6 @@
 """One RL run of WARP (Algorithm 1, inner loop): TRL's RLOO or GRPO with the EMA anchor as KL reference.
 
-Launched per run by the driver as `accelerate launch -m warpkit.rl --config run.yaml` (or by hand through
+Launched per run by the driver as `accelerate launch -m warpkit.loop.rl --config run.yaml` (or by hand through
 `trainers/rl.py`). Every field of TRL's `RLOOConfig`/`GRPOConfig`, TRL's `ModelConfig` (LoRA) and
 `RLArguments` below is settable from YAML and the command line, TrlParser style.
 
@@ -11,23 +11,28 @@ The M runs of an iteration differ by `data_seed`, which permutes the prompts bef
 
 from __future__ import annotations
 
-import os
+import json
 import shutil
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from warpkit._util.config import load_yaml_mapping
+from warpkit._util.files import publish_dir, write_atomic
+from warpkit.workloads import load_prompt_dataset, resolve_model_path, reward_spec
+
 __all__ = [
     "POLICY_DIRNAME",
     "RLArguments",
     "build_trainer",
+    "check_args",
+    "check_settings",
     "last_complete_checkpoint",
-    "load_prompts",
-    "load_reward_funcs",
     "main",
     "parse_args",
-    "resolve_model_path",
+    "reward_funcs",
+    "save_policy",
 ]
 
 POLICY_DIRNAME = "policy"  # the run's final policy, a save_pretrained folder (or LoRA adapter) in output_dir
@@ -81,82 +86,9 @@ class RLArguments:
             self.reward_funcs = [self.reward_funcs]
 
 
-def resolve_model_path(name: str) -> str:
-    """`warpkit:default` is the embedded SmolLM2-135M-Instruct, `warpkit:tiny` a tiny local llama; else a folder.
-
-    Hub names are refused on purpose: nothing downloads at run time, and TRL reloads the reference from the
-    model's path, so the init must be a folder on disk.
-    """
-    if name == "warpkit:default":
-        from warpkit.workloads.default import prepare_default_model
-
-        return str(prepare_default_model())
-    if name == "warpkit:tiny":
-        from warpkit.testing import save_tiny_model
-        from warpkit.workloads.default import cache_dir
-
-        path = cache_dir() / "tiny-llama-h32-l2-s0"
-        if not (path / "config.json").is_file():
-            save_tiny_model(path, "llama", seed=0)
-        return str(path)
-    path = Path(name).expanduser()
-    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
-        raise FileNotFoundError(
-            f"model {name!r} is not a model folder (no config.json): pass a save_pretrained folder, "
-            "'warpkit:default' (embedded SmolLM2-135M-Instruct) or 'warpkit:tiny'."
-        )
-    return str(path.resolve())
-
-
-def load_reward_funcs(specs: Sequence[str]) -> list[str | Callable]:
-    """Callables for `'module:function'`, folder paths (TRL loads them as reward models) otherwise."""
-    from warpkit.frontier_inputs import import_object
-
-    funcs: list[str | Callable] = []
-    for spec in specs:
-        if Path(spec).expanduser().is_dir():
-            if not (Path(spec).expanduser() / "config.json").is_file():
-                raise FileNotFoundError(f"reward model folder {spec!r} has no config.json.")
-            funcs.append(str(Path(spec).expanduser().resolve()))
-        elif ":" in spec:
-            func = import_object(spec, "reward")
-            if not callable(func):
-                raise TypeError(f"reward {spec!r} is not callable.")
-            funcs.append(func)
-        else:
-            raise ValueError(
-                f"reward {spec!r} is neither 'module:function' nor an existing reward-model folder."
-            )
-    return funcs
-
-
-def load_prompts(spec: str, split: str = "train"):
-    """A `datasets.Dataset` with a `prompt` column from a function, a data file or a `save_to_disk` folder."""
-    import datasets
-
-    from warpkit.frontier_inputs import import_object
-
-    path = Path(spec).expanduser()
-    if path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "dataset_info.json")):
-        dataset = datasets.load_from_disk(str(path))
-    elif path.is_dir():  # a downloaded dataset repository (parquet/json files): read locally, no hub access
-        dataset = datasets.load_dataset(str(path), split=split)
-    elif path.is_file():
-        kind = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)
-        if kind is None:
-            raise ValueError(f"dataset file {spec!r}: use .json, .jsonl, .parquet or .csv.")
-        dataset = datasets.load_dataset(kind, data_files=str(path), split="train")
-    elif ":" in spec:
-        dataset = import_object(spec, "dataset")(split)
-    else:
-        raise FileNotFoundError(
-            f"dataset {spec!r} is neither 'module:function' nor an existing file or folder."
-        )
-    if isinstance(dataset, datasets.DatasetDict):
-        dataset = dataset[split]
-    if "prompt" not in dataset.column_names:
-        raise ValueError(f"dataset {spec!r} has no 'prompt' column (columns: {dataset.column_names}).")
-    return dataset
+def reward_funcs(specs: Sequence[str]) -> list[str | Callable]:
+    """TRL's `reward_funcs`: callables for `'module:function'`, folder paths (TRL loads reward models)."""
+    return [f if callable(f) else str(f) for f in (reward_spec(spec) for spec in specs)]
 
 
 def _config_class(algorithm: str):
@@ -167,14 +99,11 @@ def _config_class(algorithm: str):
 
 def _peek_algorithm(argv: Sequence[str]) -> str:
     """The config class depends on the algorithm, so read it before the full parse."""
-    import yaml
-
     argv = list(argv)
     if "--algorithm" in argv:
         return argv[argv.index("--algorithm") + 1]
     if "--config" in argv:
-        with open(argv[argv.index("--config") + 1]) as f:
-            return (yaml.safe_load(f) or {}).get("algorithm", "rloo")
+        return load_yaml_mapping(argv[argv.index("--config") + 1], "run config").get("algorithm", "rloo")
     return "rloo"
 
 
@@ -191,6 +120,18 @@ def parse_args(argv: Sequence[str] | None = None):
         raise ValueError(f"algorithm={algorithm!r}: choose one of {ALGORITHMS}.")
     parser = TrlParser((RLArguments, _config_class(algorithm), ModelConfig))
     return parser.parse_args_and_config(argv)
+
+
+def check_settings(run: dict) -> None:
+    """Parse a run's settings (the dict a `warp_run.yaml` holds) as the run will, and `check_args` them:
+    a bad field fails in the driver, before any run starts. Unknown fields are refused."""
+    from trl import ModelConfig, TrlParser
+
+    algorithm = run.get("algorithm", "rloo")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm={algorithm!r}: choose one of {ALGORITHMS}.")
+    parser = TrlParser((RLArguments, _config_class(algorithm), ModelConfig))
+    check_args(*parser.parse_dict(run))
 
 
 def check_args(rl_args: RLArguments, training_args, model_args) -> None:
@@ -234,7 +175,7 @@ def build_trainer(rl_args: RLArguments, training_args, model_args):
         # Wrapped here, not by TRL: with an already-wrapped PeftModel TRL keeps a "ref" adapter as the
         # reference, which the EMA anchor can move; with peft_config it would use the frozen base instead.
         model = get_peft_model(model, peft_config)
-    dataset = load_prompts(rl_args.dataset, rl_args.dataset_split)
+    dataset = load_prompt_dataset(rl_args.dataset, split=rl_args.dataset_split)
     if training_args.data_seed is not None:
         # TRL's sampler permutes with `seed`; a data_seed-dependent pre-permutation makes runs differ in
         # prompt order only, as in the paper.
@@ -242,7 +183,7 @@ def build_trainer(rl_args: RLArguments, training_args, model_args):
     trainer_cls = {"rloo": RLOOTrainer, "grpo": GRPOTrainer}[rl_args.algorithm]
     trainer = trainer_cls(
         model=model,
-        reward_funcs=load_reward_funcs(rl_args.reward_funcs),
+        reward_funcs=reward_funcs(rl_args.reward_funcs),
         args=training_args,
         train_dataset=dataset,
         processing_class=tokenizer,
@@ -278,9 +219,12 @@ def last_complete_checkpoint(output_dir: str | Path, *, with_anchor: bool = Fals
 
 
 def save_policy(trainer, output_dir: str | Path) -> Path:
-    """Save the final policy to `output_dir/policy` atomically: all ranks write a temp folder, rank 0 renames."""
+    """Save the final policy to `output_dir/policy` atomically: all ranks write a temp folder, rank 0 renames.
+
+    The temp folder has a fixed name (every rank must write into the same one), removed first if a crash left it.
+    """
     output_dir = Path(output_dir)
-    final, tmp = output_dir / POLICY_DIRNAME, output_dir / f".{POLICY_DIRNAME}.tmp"
+    final, tmp = output_dir / POLICY_DIRNAME, output_dir / f".{POLICY_DIRNAME}.tmp-save"
     accelerator = trainer.accelerator
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
@@ -288,17 +232,13 @@ def save_policy(trainer, output_dir: str | Path) -> Path:
     trainer.save_model(str(tmp))  # collective under DeepSpeed: every rank takes part
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        publish_dir(tmp, final, overwrite=True)
     accelerator.wait_for_everyone()
     return final
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
     """Train one run to the end (resuming from its last complete checkpoint) and save its policy."""
-    import json
-
     from warpkit import __version__
 
     rl_args, training_args, model_args = parse_args(argv)
@@ -323,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
             "resumed_from": resume,
             "policy": str(policy),
         }
-        (Path(training_args.output_dir) / "run_info.json").write_text(json.dumps(info, indent=1))
+        write_atomic(Path(training_args.output_dir) / "run_info.json", json.dumps(info, indent=1))
     return policy
 
 
