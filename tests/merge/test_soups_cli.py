@@ -288,7 +288,7 @@ def test_warm_folder_is_the_reward_of_a_frontier(warm_folder, frontier_models):
 def test_warm_folder_is_the_reward_of_an_rl_run(warm_folder, tiny_llama_dir, tmp_path):
     """`warpkit.rl` with `reward_funcs: [<warm folder>]`: TRL loads it as a reward model; one RLOO step
     (about 7 s on one CPU core, so not marked slow)."""
-    from warpkit.rl import build_trainer, parse_args
+    from warpkit.loop.rl import build_trainer, parse_args
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS * 2))

@@ -114,33 +114,26 @@ def merge_folders(
     out_dtype, cd = as_dtype(dtype, "dtype"), as_dtype(compute_dtype, "compute_dtype")
     if cd not in (torch.float32, torch.float64):
         raise ValueError(f"compute_dtype={compute_dtype!r}: merges run in float32 or float64.")
+    settings |= {"allow_extrapolation": allow_extrapolation, "dtype": out_dtype, "compute_dtype": cd}
     init_path, out, paths = Path(init), Path(out), [Path(m) for m in models]
-    for p in [init_path, *paths]:
-        if p.exists() and out.exists() and p.resolve() == out.resolve():
-            raise ValueError(f"out={out} is one of the inputs; write the merge to a new folder.")
-    if out.exists() and not overwrite:
-        raise ValueError(f"out={out} already exists; remove it or pass overwrite=True (CLI: --overwrite).")
+    _check_out(out, [init_path, *paths], overwrite)
     init_ckpt, ckpts, drop = _open_inputs(init_path, paths)
+    options = {"device": torch.device(device or "cpu"), "cache_bytes": parse_size(cache_size)}
+    options |= {
+        "chunk_numel": chunk_numel,
+        "progress": progress,
+        "max_shard_bytes": parse_size(max_shard_size),
+    }
     pool = ThreadPoolExecutor(1)
     try:
         files = [f for c in [init_ckpt, *ckpts] for f in c.files]
         hashes = pool.submit(lambda: {str(f): sha256_file(f) for f in files}) if hash_inputs else None
         with atomic_dir(out, overwrite=overwrite) as tmp, _torch_threads(num_threads):
-            options = {"cd": cd, "device": torch.device(device or "cpu"), "out_dtype": out_dtype}
-            options |= {
-                "cache_bytes": parse_size(cache_size),
-                "chunk_numel": chunk_numel,
-                "progress": progress,
-            }
-            stats = _write_weights(
-                tmp, init_ckpt, ckpts, drop, entry, settings, parse_size(max_shard_size), options
-            )
+            stats = _write_weights(tmp, init_ckpt, ckpts, drop, entry, settings, options)
             write_config(init_ckpt, tmp, out_dtype)
             carried = carry_files(init_path, tmp)
             digests = hashes.result() if hashes is not None else {}
             recipe = _recipe(entry, settings, init_ckpt, ckpts, digests, stats, carried, drop)
-            recipe |= {"allow_extrapolation": allow_extrapolation, "dtype": _dtype_name(out_dtype)}
-            recipe |= {"compute_dtype": _dtype_name(cd)}
             (tmp / RECIPE_NAME).write_text(json.dumps(recipe, indent=2) + "\n")
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -186,6 +179,14 @@ def _check_settings(
     return entry, settings | {"granularity": granularity, "liti_eta": liti_eta}
 
 
+def _check_out(out: Path, inputs: Sequence[Path], overwrite: bool) -> None:
+    for p in inputs:
+        if p.exists() and out.exists() and p.resolve() == out.resolve():
+            raise ValueError(f"out={out} is one of the inputs; write the merge to a new folder.")
+    if out.exists() and not overwrite:
+        raise ValueError(f"out={out} already exists; remove it or pass overwrite=True (CLI: --overwrite).")
+
+
 def _open_inputs(init_path: Path, paths: Sequence[Path]) -> tuple[Checkpoint, list, set[str]]:
     """The init and every model opened lazily and checked against the init; the tied head to skip."""
     init_ckpt = Checkpoint(init_path)
@@ -218,34 +219,30 @@ def _open_inputs(init_path: Path, paths: Sequence[Path]) -> tuple[Checkpoint, li
 
 def _write_weights(
     tmp: Path, init: Checkpoint, ckpts: list, drop: set[str], entry: MergeMethod, settings: dict[str, Any],
-    max_shard_bytes: int, options: dict[str, Any],
+    options: dict[str, Any],
 ) -> dict[str, GroupStats]:  # fmt: skip
     """Stream the merge into `tmp`'s shards; returns the per-group (or per-tensor) geometry."""
+    out_dtype, cd = settings["dtype"], settings["compute_dtype"]
     names = [n for n in init.tensors if n not in drop]
-    plan = []
-    for n in names:
-        info = init.tensors[n]
-        out_dtype = (
-            options["out_dtype"] if options["out_dtype"] and info.dtype.is_floating_point else info.dtype
-        )
-        plan.append((n, out_dtype, info.shape))
+    floating = [n for n in names if init.tensors[n].dtype.is_floating_point]
+    plan = [
+        (n, out_dtype if out_dtype and n in floating else init.tensors[n].dtype, init.tensors[n].shape)
+        for n in names
+    ]
     groups: dict[str, list[str]] = {}
-    for n in names:
-        if init.tensors[n].dtype.is_floating_point:
-            groups.setdefault(group_key(n, settings["granularity"]), []).append(n)
-    writer = ShardedWriter(tmp, plan, max_shard_bytes)
+    for n in floating:
+        groups.setdefault(group_key(n, settings["granularity"]), []).append(n)
+    writer = ShardedWriter(tmp, plan, options["max_shard_bytes"])
     for n in names:  # integer and bool buffers: copied from the init, never interpolated
-        info = init.tensors[n]
-        if not info.dtype.is_floating_point:
-            writer.write(n, 0, init.raw_rows(n, 0, info.rows))
-    passes = num_passes(entry, settings, options["cd"])
-    total = passes * sum(len(v) for v in groups.values())
+        if n not in floating:
+            writer.write(n, 0, init.raw_rows(n, 0, init.tensors[n].rows))
+    total = num_passes(entry, settings, cd) * len(floating)
     with tqdm(
         total=total, unit="tensor", disable=not options["progress"], desc=f"warpkit merge ({entry.name})"
     ) as bar:
         stream = ChunkStream(
-            init, ckpts, compute_dtype=options["cd"], device=options["device"], cache_bytes=options["cache_bytes"],
-            chunk_numel=options["chunk_numel"], out_dtype=options["out_dtype"], writer=writer, bar=bar,
+            init, ckpts, compute_dtype=cd, device=options["device"], cache_bytes=options["cache_bytes"],
+            chunk_numel=options["chunk_numel"], out_dtype=out_dtype, writer=writer, bar=bar,
         )  # fmt: skip
         eta = 1.0 if settings["liti_eta"] is None else settings["liti_eta"]
         if entry.combine is not None:  # init + η * scale * merged task vector, chunk by chunk
@@ -270,6 +267,9 @@ def _recipe(
         "lambdas": settings.get("lambdas"),
         **params,
         "liti_eta": settings["liti_eta"],
+        "allow_extrapolation": settings["allow_extrapolation"],
+        "dtype": _dtype_name(settings["dtype"]),
+        "compute_dtype": _dtype_name(settings["compute_dtype"]),
         "init": {
             "path": str(init.path.resolve()),
             "sha256": {f.name: digests.get(str(f)) for f in init.files},
