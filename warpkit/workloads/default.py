@@ -17,9 +17,9 @@ import copy
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 MODEL_DIRNAME = "SmolLM2-135M-Instruct"
 MANIFEST = "warpkit_default.json"  # written last: its presence and hashes mark a complete folder
+log = logging.getLogger(__name__)
 
 
 def _package_dir(name: str, pip_hint: str) -> Path:
@@ -158,14 +159,12 @@ def prepare_default_model(cache: str | Path | None = None, *, quiet: bool = Fals
         if reason is None:
             return final
         if final.exists():
-            print(f"warpkit: cached default model at {final} is {reason}; rebuilding it.", file=sys.stderr)
+            log.warning("cached default model at %s is %s; rebuilding it.", final, reason)
             trash = root / f".{MODEL_DIRNAME}.corrupt-{uuid.uuid4().hex[:8]}"
             final.rename(trash)
             shutil.rmtree(trash, ignore_errors=True)
         elif not quiet:
-            print(
-                f"warpkit: converting {GGUF_NAME} to safetensors at {final} (once, ~30 s).", file=sys.stderr
-            )
+            log.info("converting %s to safetensors at %s (once, ~30 s).", GGUF_NAME, final)
         with atomic_dir(final) as tmp:
             _convert(tmp)
     return final
