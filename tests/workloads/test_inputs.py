@@ -76,7 +76,7 @@ def test_prompt_files_without_prompts(tmp_path):
 def test_reward_spec(tmp_path):
     assert reward_spec("tests.workloads.test_inputs:prompts_list") is prompts_list
     (tmp_path / "rm").mkdir()
-    with pytest.raises(FileNotFoundError, match="has no config.json"):
+    with pytest.raises(FileNotFoundError, match=r"has no config\.json"):
         reward_spec(str(tmp_path / "rm"))
     (tmp_path / "rm" / "config.json").write_text("{}")
     assert reward_spec(str(tmp_path / "rm")) == (tmp_path / "rm").resolve()
