@@ -21,6 +21,7 @@ __all__ = [
     "CHAT_TEMPLATE",
     "POSITIVE_TOKENS",
     "build_tiny_frontier_models",
+    "load_state",
     "make_tiny_model",
     "make_tiny_tokenizer",
     "save_tiny_model",
@@ -191,3 +192,13 @@ def build_tiny_frontier_models(root: str | Path) -> Path:
     ):
         variant(root / "noisy" / f"checkpoint-{step}", b, noise)
     return root
+
+
+def load_state(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a save_pretrained folder's safetensors shards, by name (for checks on small models)."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        state.update(load_file(f))
+    return state

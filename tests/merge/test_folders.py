@@ -14,24 +14,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from warpkit.cli import main
 from warpkit.merge import liti, slerp
 from warpkit.merge.folders import merge_folders
-
-
-def _load(folder: Path) -> dict[str, torch.Tensor]:
-    state = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(f))
-    return state
+from warpkit.testing import load_state
 
 
 def _rewrite(src: Path, dst: Path, edit) -> Path:
     """Copy a model folder, letting `edit(state)` change its weights (saved as one safetensors file)."""
     shutil.copytree(src, dst)
-    state = _load(dst)
+    state = load_state(dst)
     edit(state)
     save_file(state, dst / "model.safetensors", metadata={"format": "pt"})
     return dst
@@ -62,8 +56,8 @@ def test_streamed_folder_merge_equals_in_memory_slerp(trio, tmp_path, arch, tied
     out = report.out
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1  # sharded by bytes, with an index
-    merged = _load(out)
-    expected, stats = slerp(_load(init), [_load(a), _load(b)])
+    merged = load_state(out)
+    expected, stats = slerp(load_state(init), [load_state(a), load_state(b)])
     names = set(expected) - ({"lm_head.weight"} if tied else set())
     assert set(merged) == names == set(index["weight_map"])
     assert tied == ("lm_head.weight" not in merged)  # tied head merged once, as the embedding
@@ -97,9 +91,9 @@ def test_merged_folder_loads_generates_and_carries_files(trio, tmp_path):
     ids = tokenizer("hello there", return_tensors="pt").input_ids
     generated = model.generate(ids, max_new_tokens=4, do_sample=False)
     assert generated.shape == (1, ids.shape[1] + 4)
-    merged, _ = slerp(_load(init), [_load(a), _load(b)])
-    expected = liti(_load(init), merged, 0.3)
-    got = _load(out)
+    merged, _ = slerp(load_state(init), [load_state(a), load_state(b)])
+    expected = liti(load_state(init), merged, 0.3)
+    got = load_state(out)
     for n, t in got.items():
         torch.testing.assert_close(t.float(), expected[n].to(torch.bfloat16).float(), rtol=1e-2, atol=1e-3)
 
@@ -113,9 +107,9 @@ def test_liti_eta_endpoints_in_the_same_pass(trio, tmp_path, granularity):
     at1 = merge_folders(
         "slerp", init, [a, b], tmp_path / "e1", liti_eta=1.0, granularity=granularity, progress=False
     )
-    base, merged = _load(init), _load(at1.out)
-    expected, _ = slerp(base, [_load(a), _load(b)], granularity=granularity)
-    for n, t in _load(at0.out).items():
+    base, merged = load_state(init), load_state(at1.out)
+    expected, _ = slerp(base, [load_state(a), load_state(b)], granularity=granularity)
+    for n, t in load_state(at0.out).items():
         assert torch.equal(t, base[n]), n  # η = 0 is the init, bit for bit
         torch.testing.assert_close(merged[n], expected[n], rtol=1e-5, atol=1e-6)
     assert len(at1.stats) == (1 if granularity == "model" else len(expected))  # tied gpt2 saves no head
@@ -135,12 +129,12 @@ def test_bf16_folders_integer_buffers_and_lerp(trio, tmp_path):
 
     paths = [_rewrite(p, tmp_path / f"m{i}", to_bf16_with_buffers(i + 1)) for i, p in enumerate((init, a, b))]
     out = merge_folders("lerp", paths[0], paths[1:], tmp_path / "out", weights=[3, 1], progress=False).out
-    merged, base = _load(out), _load(paths[0])
+    merged, base = load_state(out), load_state(paths[0])
     assert torch.equal(merged["model.step_ids"], base["model.step_ids"])
     assert torch.equal(merged["model.mask"], base["model.mask"])
     n = "model.layers.0.mlp.up_proj.weight"
     assert merged[n].dtype == torch.bfloat16
-    d = [_load(p)[n].double() - base[n].double() for p in paths[1:]]
+    d = [load_state(p)[n].double() - base[n].double() for p in paths[1:]]
     expected = (base[n].double() + 0.75 * d[0] + 0.25 * d[1]).to(torch.bfloat16)  # fp32 math, one cast
     assert (merged[n] == expected).double().mean() > 0.99
 
@@ -175,7 +169,7 @@ def test_lora_adapter_merges_like_its_densified_weights(tiny_model_factory, tmp_
     lora = merge_folders("slerp", init, [tmp_path / "adapter", other], tmp_path / "o1", progress=False)
     dense = merge_folders("slerp", init, [tmp_path / "dense", other], tmp_path / "o2", progress=False)
     assert lora.recipe["models"][0]["kind"] == "lora"
-    got, want = _load(lora.out), _load(dense.out)
+    got, want = load_state(lora.out), load_state(dense.out)
     assert set(got) == set(want)
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6)
@@ -203,7 +197,7 @@ def _bad_inputs(tiny_model_factory, tmp_path):
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     shutil.copy(init / "config.json", pickled / "config.json")
-    torch.save(_load(a), pickled / "pytorch_model.bin")
+    torch.save(load_state(a), pickled / "pytorch_model.bin")
 
     def nan(state):
         state["model.norm.weight"][3] = float("nan")
@@ -295,4 +289,4 @@ def test_shipped_merge_configs_parse():
     configs = sorted(Path(__file__).resolve().parents[2].glob("configs/merge_*.yaml"))
     assert configs
     for path in configs:
-        assert set(yaml.safe_load(path.read_text())) <= set(MERGE_KEYS), path
+        assert set(yaml.safeload_state(path.read_text())) <= set(MERGE_KEYS), path

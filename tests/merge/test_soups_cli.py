@@ -14,22 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from tests.merge import scorers as soup_scorers
 from warpkit.cli import main
 from warpkit.frontier_scorer import frontier_scorer
 from warpkit.merge.soups import SOUP_RECORD, check_reward_model, uniform_soup, warm
-from warpkit.testing import build_tiny_frontier_models
+from warpkit.testing import build_tiny_frontier_models, load_state
 
 PROMPTS = ["The film opens with", "I went in expecting", "The lead actor is", "Overall, this movie is"]
-
-
-def _load(folder: Path) -> dict[str, torch.Tensor]:
-    state = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(f))
-    return state
 
 
 def _reward_model(folder: Path, tokenizer_dir: Path, seed: int, num_labels: int = 1) -> Path:
@@ -79,7 +71,7 @@ def test_cli_weighted_soup_is_the_float64_weighted_average(tiny_model_factory, t
     args = ["merge", "--method", "soup", "--models", str(a), str(b), "--weights", "1", "3", "--out", str(out)]
     assert main([*args, "--no-progress"]) == 0
     assert f"{out} (soup of 2 models" in capsys.readouterr().out
-    got, sa, sb = _load(out), _load(a), _load(b)
+    got, sa, sb = load_state(out), load_state(a), load_state(b)
     assert set(got) == set(sa) and "lm_head.weight" in got  # untied: the head is averaged too
     for n, t in got.items():
         expected = (0.25 * sa[n].double() + 0.75 * sb[n].double()).float()
@@ -114,7 +106,7 @@ def test_cli_greedy_soup_with_scorer_follows_the_docstring_example(tiny_model_fa
     assert [Path(p).name for p in record["ingredients"]] == ["B", "C"] and record["score"] == 0.92
     assert [c["score"] for c in record["candidates"]] == [0.7, 0.9, 0.8]
     assert record["scorer"] == "tests.merge.scorers:table_score"
-    got, b, c = _load(out), _load(folders["B"]), _load(folders["C"])
+    got, b, c = load_state(out), load_state(folders["B"]), load_state(folders["C"])
     for n in got:
         torch.testing.assert_close(got[n], (b[n] + c[n]) / 2, msg=n)
     assert not [p for p in tmp_path.iterdir() if ".soup-" in p.name or ".tmp-" in p.name]
@@ -157,7 +149,7 @@ def test_cli_greedy_soup_scored_by_a_frontier_evaluation(frontier_models, tmp_pa
     assert record["scorer"].startswith("frontier_scorer(") and "kl_coef=0.04" in record["scorer"]
     assert [Path(p).name for p in record["order"]] == ["bias-2", "bias-6"]
     assert [s["kept"] for s in record["steps"]] == [True, True]
-    got, bias4 = _load(out), _load(frontier_models / "bias-4")
+    got, bias4 = load_state(out), load_state(frontier_models / "bias-4")
     for n in bias4:
         torch.testing.assert_close(got[n], bias4[n], msg=n)
 
@@ -255,7 +247,7 @@ def test_warm_output_loads_as_a_reward_model_with_the_averaged_head(warm_folder,
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     rm = AutoModelForSequenceClassification.from_pretrained(warm_folder)
-    states = [_load(f) for f in reward_models]
+    states = [load_state(f) for f in reward_models]
     assert rm.config.num_labels == 1
     torch.testing.assert_close(rm.score.weight, (states[0]["score.weight"] + states[1]["score.weight"]) / 2)
     assert not torch.equal(states[0]["score.weight"], states[1]["score.weight"])
@@ -301,7 +293,7 @@ def test_warm_folder_is_the_reward_of_an_rl_run(warm_folder, tiny_llama_dir, tmp
     ]  # fmt: skip
     trainer = build_trainer(*parse_args(argv))
     reward_model = trainer.reward_funcs[0]
-    torch.testing.assert_close(reward_model.score.weight.detach(), _load(warm_folder)["score.weight"])
+    torch.testing.assert_close(reward_model.score.weight.detach(), load_state(warm_folder)["score.weight"])
     trainer.train()
     logged = next(h for h in trainer.state.log_history if "reward" in h)
     assert math.isfinite(logged["reward"]) and trainer.state.global_step == 1
