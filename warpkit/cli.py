@@ -8,6 +8,7 @@ and option rules come from the method registry (`warpkit.merge.methods`): nothin
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ from typing import Any
 
 from warpkit.merge.methods import ENGINE_OPTIONS, INIT_OPTIONS, METHODS, Param, all_params, spell
 
-__all__ = ["MERGE_KEYS", "main"]
+__all__ = ["MERGE_KEYS", "build_parser", "main", "merge_plan"]
 
 # The keys of a `warpkit merge --config` YAML recipe (same names as the flags, with underscores).
 MERGE_KEYS = ("method", "init", "models", "out", *(p.name for p in (*ENGINE_OPTIONS, *all_params())))
@@ -200,7 +201,9 @@ def _split_settings(settings: dict[str, Any]) -> tuple[Any, dict[str, Any], dict
     return method, params, settings
 
 
-def _merge(args: argparse.Namespace) -> int:
+def merge_plan(args: argparse.Namespace) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """What `warpkit merge` would do, checked before anything is read: (method entry, its params as given,
+    the engine options and inputs). SystemExit with the reason otherwise."""
     settings = _merge_settings(args)
     try:
         method, params, options = _split_settings(settings)
@@ -211,6 +214,11 @@ def _merge(args: argparse.Namespace) -> int:
         )  # fmt: skip
     except ValueError as e:
         raise SystemExit(f"warpkit merge: {e}") from e
+    return method, params, options
+
+
+def _merge(args: argparse.Namespace) -> int:
+    method, params, options = merge_plan(args)
     common = {"progress": not args.no_progress, "hash_inputs": not args.no_hash}
     t0 = time.perf_counter()
     try:
@@ -224,9 +232,7 @@ def _merge(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as e:
         raise SystemExit(f"warpkit merge: {e}") from e
     angles = [
-        s.angles_deg[-1]
-        for s in report.stats.values()
-        if s.angles_deg and s.angles_deg[-1] == s.angles_deg[-1]
+        s.angles_deg[-1] for s in report.stats.values() if s.angles_deg and math.isfinite(s.angles_deg[-1])
     ]
     summary = f", mean angle {sum(angles) / len(angles):.1f} deg over {len(angles)} groups" if angles else ""
     print(f"{report.out} ({method.name}, {report.seconds:.1f} s{summary})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import subprocess
@@ -75,8 +76,17 @@ def test_loop_artefacts_merge_and_liti_by_hand(sft, tmp_path, caplog):
     assert {"config.json", "tokenizer_config.json", "model.safetensors"} <= {
         p.name for p in (out / "iter_1" / "next_init").iterdir()
     }
-    stats = (out / "iter_1" / "merge_stats.json").read_text()
-    assert "angle" in stats
+    # The geometry the merge logged: one angle per tensor (granularity "tensor"), each the angle of the two
+    # task vectors, ~90 degrees for independent noise; the manifest keeps the means.
+    stats = json.loads((out / "iter_1" / "merge_stats.json").read_text())
+    floating = [n for n, w in init.items() if w.is_floating_point() and n != "lm_head.weight"]
+    assert {k.rsplit("/", 1)[0] for k in stats if k.endswith("/angle_deg")} == {
+        f"merge/{n}" for n in floating
+    }
+    for n in floating:
+        d1, d2 = (p1[n].double() - init[n].double()).flatten(), (p2[n].double() - init[n].double()).flatten()
+        angle = math.degrees(math.acos(float(d1 @ d2 / (d1.norm() * d2.norm()))))
+        assert stats[f"merge/{n}/angle_deg"] == pytest.approx(angle, abs=1e-3), n
     manifest = Manifest(out / MANIFEST_NAME)
     assert set(manifest.steps) == {
         "iter_1/run_1", "iter_1/run_2", "iter_1/merge", "iter_2/run_1", "iter_2/run_2", "iter_2/merge",
@@ -168,19 +178,28 @@ def test_overrides_reach_nested_fields(tmp_path):
     assert load_config(path, ["--liti_eta", "1.5", "--allow_extrapolation", "true"]).liti_eta == 1.5
 
 
-def test_errors_come_before_any_training(sft, tmp_path):
-    never = lambda spec, env: pytest.fail("training started despite bad input")  # noqa: E731
+def _never(spec, env):
+    pytest.fail("training started despite bad input")
+
+
+def test_missing_model_is_refused_before_any_training(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a model folder"):
-        run_warp(tiny_config(tmp_path / "o", tmp_path / "missing"), train_fn=never)
-    for rl, message in [
+        run_warp(tiny_config(tmp_path / "o", tmp_path / "missing"), train_fn=_never)
+
+
+@pytest.mark.parametrize(
+    ("rl", "message"),
+    [
         ({"beta": 0.0}, "beta=0 with anchor='ema'"),
         ({"no_such_field": 1}, "no_such_field"),
         ({"algorithm": "ppo"}, "algorithm='ppo'"),
         ({"ema_rate": 1.5}, "ema_rate=1.5"),
-    ]:
-        cfg = tiny_config(tmp_path / "o", sft, rl={"use_cpu": True, **rl})
-        with pytest.raises(ValueError, match=message):
-            run_warp(cfg, train_fn=never, validate=driver.validate_rl_section)
+    ],
+)
+def test_bad_rl_fields_are_refused_before_any_training(sft, tmp_path, rl, message):
+    cfg = tiny_config(tmp_path / "o", sft, rl={"use_cpu": True, **rl})
+    with pytest.raises(ValueError, match=message):
+        run_warp(cfg, train_fn=_never, validate=driver.validate_rl_section)
 
 
 # ----------------------------------------------------------------------------- GPU placement

@@ -14,12 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import save_file
 
-from warpkit.cli import main
+from warpkit.cli import build_parser, main, merge_plan
 from warpkit.merge import liti, slerp
 from warpkit.merge.folders import merge_folders
 from warpkit.testing import load_state
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _rewrite(src: Path, dst: Path, edit) -> Path:
@@ -191,53 +194,62 @@ def test_lora_refusals(tiny_model_factory, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def _bad_inputs(tiny_model_factory, tmp_path):
-    tmp_path.mkdir()
-    init, a = tiny_model_factory("llama", True, 0), tiny_model_factory("llama", True, 1)
-    pickled = tmp_path / "pickled"
+BAD_INPUTS = {  # case -> (how to build the models from (init, a, tmp, factory), merge kwargs, message)
+    "missing path": (lambda i, a, t, f: [i, t / "nope"], {}, "does not exist"),
+    "pickle": (lambda i, a, t, f: [i, _pickled(i, a, t)], {}, "pickled weights"),
+    "architecture": (lambda i, a, t, f: [i, f("gpt2", True, 1)], {}, "different architectures"),
+    "shapes": (lambda i, a, t, f: [i, f("llama", True, 1, hidden_size=64)], {}, "differ in shape"),
+    "missing tensor": (lambda i, a, t, f: [i, _rewrite(a, t / "miss", lambda s: s.pop(K_PROJ))], {}, "missing tensors"),
+    "extra tensor": (
+        lambda i, a, t, f: [i, _rewrite(a, t / "extra", lambda s: s.update(x=s[K_PROJ].clone()))], {},
+        r"extra tensors \['x'\]",
+    ),
+    "nan": (lambda i, a, t, f: [i, _rewrite(a, t / "nan", _set("model.norm.weight", 3, float("nan")))], {}, "NaN or Inf"),
+    "inf": (
+        lambda i, a, t, f: [_rewrite(a, t / "inf", _set("model.layers.1.mlp.down_proj.weight", (0, 0), float("inf"))), i],
+        {}, "NaN or Inf",
+    ),
+    "weights count": (lambda i, a, t, f: [i, a], {"weights": [1.0, 1.0, 1.0]}, "3 weights for 2 models"),
+    "negative weight": (lambda i, a, t, f: [i, a], {"weights": [1.5, -0.5]}, "allow_extrapolation"),
+    "eta": (lambda i, a, t, f: [i, a], {"liti_eta": 1.3}, "allow_extrapolation"),
+    "granularity": (lambda i, a, t, f: [i, a], {"granularity": "layer"}, "granularity"),
+    "dtype": (lambda i, a, t, f: [i, a], {"dtype": "int8"}, "floating"),
+}  # fmt: skip
+K_PROJ = "model.layers.0.self_attn.k_proj.weight"
+
+
+def _pickled(init: Path, a: Path, tmp: Path) -> Path:
+    pickled = tmp / "pickled"
     pickled.mkdir()
     shutil.copy(init / "config.json", pickled / "config.json")
     torch.save(load_state(a), pickled / "pytorch_model.bin")
-
-    def nan(state):
-        state["model.norm.weight"][3] = float("nan")
-
-    def inf(state):
-        state["model.layers.1.mlp.down_proj.weight"][0, 0] = float("inf")
-
-    n = "model.layers.0.self_attn.k_proj.weight"
-    return {
-        "missing path": ([init, tmp_path / "nope"], {}, "does not exist"),
-        "pickle": ([init, pickled], {}, "pickled weights"),
-        "architecture": ([init, tiny_model_factory("gpt2", True, 1)], {}, "different architectures"),
-        "shapes": ([init, tiny_model_factory("llama", True, 1, hidden_size=64)], {}, "shape"),
-        "missing tensor": ([init, _rewrite(a, tmp_path / "miss", lambda s: s.pop(n))], {}, "missing tensors"),
-        "extra tensor": (
-            [init, _rewrite(a, tmp_path / "extra", lambda s: s.update(x=s[n].clone()))],
-            {},
-            "extra",
-        ),
-        "nan": ([init, _rewrite(a, tmp_path / "nan", nan)], {}, "NaN or Inf"),
-        "inf": ([_rewrite(a, tmp_path / "inf", inf), init], {}, "NaN or Inf"),
-        "weights count": ([init, a], {"weights": [1.0, 1.0, 1.0]}, "3 weights for 2 models"),
-        "negative weight": ([init, a], {"weights": [1.5, -0.5]}, "allow_extrapolation"),
-        "eta": ([init, a], {"liti_eta": 1.3}, "allow_extrapolation"),
-        "granularity": ([init, a], {"granularity": "layer"}, "granularity"),
-        "dtype": ([init, a], {"dtype": "int8"}, "floating"),
-    }
+    return pickled
 
 
-def test_bad_input_refused_before_anything_is_written(tiny_model_factory, tmp_path):
-    init = tiny_model_factory("llama", True, 0)
-    cases = _bad_inputs(tiny_model_factory, tmp_path / "inputs")
+def _set(name: str, index, value: float):
+    def edit(state):
+        state[name][index] = value
+
+    return edit
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_refused_before_anything_is_written(tiny_model_factory, tmp_path, case):
+    build, kwargs, message = BAD_INPUTS[case]
+    init, a = tiny_model_factory("llama", True, 0), tiny_model_factory("llama", True, 1)
+    (tmp_path / "inputs").mkdir()
+    models = build(init, a, tmp_path / "inputs", tiny_model_factory)
     (tmp_path / "outs").mkdir()
-    for case, (models, kwargs, message) in cases.items():
-        out = tmp_path / "outs" / case.replace(" ", "_")
-        with pytest.raises(ValueError, match=message):
-            merge_folders("slerp", init, models, out, progress=False, **kwargs)
-        assert not out.exists(), case
-        assert _leftovers(out.parent) == [], case
-    existing = tmp_path / "outs" / "existing"
+    out = tmp_path / "outs" / "merged"
+    with pytest.raises(ValueError, match=message):
+        merge_folders("slerp", init, models, out, progress=False, **kwargs)
+    assert not out.exists()
+    assert _leftovers(out.parent) == []
+
+
+def test_existing_output_is_refused(tiny_model_factory, tmp_path):
+    init = tiny_model_factory("llama", True, 0)
+    existing = tmp_path / "existing"
     existing.mkdir()
     with pytest.raises(ValueError, match="already exists"):
         merge_folders("slerp", init, [init, init], existing, progress=False)
@@ -281,12 +293,11 @@ def test_cli_flags_and_yaml_recipe(trio, tmp_path, capsys):
         main(["merge", "--init", str(init), "--models", str(a), str(b)])
 
 
-def test_shipped_merge_configs_parse():
-    import yaml
-
-    from warpkit.cli import MERGE_KEYS
-
-    configs = sorted(Path(__file__).resolve().parents[2].glob("configs/merge_*.yaml"))
-    assert configs
-    for path in configs:
-        assert set(yaml.safeload_state(path.read_text())) <= set(MERGE_KEYS), path
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("merge_*.yaml")), ids=lambda p: p.name)
+def test_shipped_merge_configs_pass_the_cli_checks(path):
+    """Each shipped recipe goes through every check `warpkit merge --config` makes before reading a model."""
+    method, params, options = merge_plan(build_parser().parse_args(["merge", "--config", str(path)]))
+    assert path.read_text().startswith("#") and "Launch:" in path.read_text()
+    raw = yaml.safe_load(path.read_text())
+    assert method.name == raw["method"] and params == {k: raw[k] for k in method.param_names if k in raw}
+    assert {**options, "method": method.name, **params} == raw

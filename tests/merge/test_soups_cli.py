@@ -302,39 +302,45 @@ def test_warm_folder_is_the_reward_of_an_rl_run(warm_folder, tiny_llama_dir, tmp
 # ----------------------------------------------------------------------------- bad input
 
 
-def test_cli_refuses_wrong_combinations(tiny_model_factory, tmp_path):
+WRONG_COMBINATIONS = [
+    (["--method", "greedy_soup"], "needs exactly one of --scorer"),
+    (["--method", "greedy_soup", "--scorer", "tests.merge.scorers:table_score", "--score-config", "x.yaml"],
+     "got both"),
+    (["--method", "greedy_soup", "--scorer", "tests.no_such_module:f"], "cannot be imported"),
+    (["--method", "greedy_soup", "--scorer", "tests.merge.scorers:no_such_fn"], "cannot be imported"),
+    (["--method", "greedy_soup", "--scorer", "tests.merge.scorers:NOT_CALLABLE"], "is not callable"),
+    (["--method", "greedy_soup", "--scorer", "tests.merge.scorers:table_score", "--scores", "1", "2"],
+     "--scores has 2 values for 3 --models"),
+    (["--method", "greedy_soup", "--scorer", "tests.merge.scorers:table_score", "--kl-coef", "0.1"],
+     "--kl-coef is the KL penalty"),
+    (["--method", "greedy_soup", "--scorer", "tests.merge.scorers:table_score", "--weights", "1", "1", "1"],
+     "takes no --weights"),
+    (["--method", "soup", "--scorer", "tests.merge.scorers:table_score"], "only apply to --method greedy_soup"),
+    (["--method", "slerp", "--init", "TMP/a", "--scores", "1", "2", "3"], "only apply to --method greedy"),
+    (["--method", "soup", "--init", "TMP/a"], "takes no --init"),
+    (["--method", "soup", "--liti-eta", "0.3"], "--liti-eta do not apply to --method soup"),
+    (["--method", "greedy_soup", "--score-config", "TMP/missing.yaml"], "does not exist"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("extra", "message"), WRONG_COMBINATIONS, ids=[m for _, m in WRONG_COMBINATIONS])
+def test_cli_refuses_wrong_combinations(tiny_model_factory, tmp_path, extra, message):
     a, b, c = (tiny_model_factory("gpt2", True, s) for s in (0, 1, 2))
     out = tmp_path / "out"
     base = ["merge", "--models", str(a), str(b), str(c), "--out", str(out), "--no-progress"]
-    cases = [
-        (["--method", "greedy_soup"], "needs exactly one of --scorer"),
-        (["--method", "greedy_soup", "--scorer", "tests.merge.scorers:table_score", "--score-config", "x.yaml"],
-         "got both"),
-        (["--method", "greedy_soup", "--scorer", "tests.no_such_module:f"], "cannot be imported"),
-        (["--method", "greedy_soup", "--scorer", "tests.merge.scorers:no_such_fn"], "cannot be imported"),
-        (["--method", "greedy_soup", "--scorer", "tests.merge.scorers:NOT_CALLABLE"], "is not callable"),
-        (["--method", "greedy_soup", "--scorer", "tests.merge.scorers:table_score", "--scores", "1", "2"],
-         "--scores has 2 values for 3 --models"),
-        (["--method", "greedy_soup", "--scorer", "tests.merge.scorers:table_score", "--kl-coef", "0.1"],
-         "--kl-coef is the KL penalty"),
-        (["--method", "greedy_soup", "--scorer", "tests.merge.scorers:table_score", "--weights", "1", "1", "1"],
-         "takes no --weights"),
-        (["--method", "soup", "--scorer", "tests.merge.scorers:table_score"], "only apply to --method greedy_soup"),
-        (["--method", "slerp", "--init", str(a), "--scores", "1", "2", "3"], "only apply to --method greedy"),
-        (["--method", "soup", "--init", str(a)], "takes no --init"),
-        (["--method", "soup", "--liti-eta", "0.3"], "--liti-eta do not apply to --method soup"),
-        (["--method", "greedy_soup", "--score-config", str(tmp_path / "missing.yaml")], "does not exist"),
-    ]  # fmt: skip
-    for extra, message in cases:
-        if message == "does not exist":  # FileNotFoundError: main prints it and returns 2
-            assert main([*base, *extra]) == 2
-            continue
+    extra = [str(tmp_path / e.removeprefix("TMP/")) if e.startswith("TMP/") else e for e in extra]
+    if message == "does not exist":  # FileNotFoundError: main prints it and returns 2
+        assert main([*base, *extra]) == 2
+    else:
         with pytest.raises(SystemExit, match=message):
             main([*base, *extra])
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_cli_soup_without_models(tmp_path):
     with pytest.raises(SystemExit, match="missing --models"):
-        main(["merge", "--method", "soup", "--out", str(out)])
+        main(["merge", "--method", "soup", "--out", str(tmp_path / "out")])
 
 
 def test_soups_refuse_a_lora_adapter_and_mixed_architectures(tiny_model_factory, tmp_path):

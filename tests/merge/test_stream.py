@@ -75,7 +75,7 @@ def test_model_stock_and_karcher_folders(trio, tmp_path):
             )
 
 
-def test_dare_is_reproducible_and_refusals(trio, tmp_path):
+def test_dare_is_reproducible(trio, tmp_path):
     init, a, b = trio
     one = merge_folders("dare_linear", init, [a, b], tmp_path / "1", density=0.4, seed=5, progress=False)
     two = merge_folders(
@@ -85,17 +85,28 @@ def test_dare_is_reproducible_and_refusals(trio, tmp_path):
     s1, s2, s3 = load_state(one.out), load_state(two.out), load_state(three.out)
     assert all(torch.equal(s1[n], s2[n]) for n in s1)
     assert not torch.equal(s1["model.layers.0.mlp.up_proj.weight"], s3["model.layers.0.mlp.up_proj.weight"])
-    for method, kwargs, message in [
+
+
+@pytest.mark.parametrize(
+    ("method", "kwargs", "message"),
+    [
         ("linear", {"weights": [1.0, -1.0]}, "sum to zero"),
         ("ties", {"density": 1.2}, "density"),
         ("slerp", {"scale": 2.0}, "scale applies"),
         ("negmerge", {"weights": [1.0, 1.0]}, "takes no weights"),
         ("karcher", {"weights": [1.0, -1.0]}, ">= 0"),
         ("model_stock", {"density": 0.5}, "density applies"),
-    ]:
-        with pytest.raises(ValueError, match=message):
-            merge_folders(method, init, [a, b], tmp_path / "bad", progress=False, **kwargs)
-        assert not (tmp_path / "bad").exists()
+    ],
+)
+def test_bad_settings_are_refused_before_writing(trio, tmp_path, method, kwargs, message):
+    init, a, b = trio
+    with pytest.raises(ValueError, match=message):
+        merge_folders(method, init, [a, b], tmp_path / "bad", progress=False, **kwargs)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_model_stock_needs_two_models(trio, tmp_path):
+    init, a, _ = trio
     with pytest.raises(ValueError, match="at least 2"):
         merge_folders("model_stock", init, [a], tmp_path / "bad", progress=False)
 
