@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "anchor_scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
 from common import PolicySnapshots, ema_reference, make_trainer
 
 from warpkit.anchor import EMAAnchorCallback

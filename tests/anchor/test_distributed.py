@@ -1,6 +1,6 @@
 """EMAAnchorCallback across processes on CPU (gloo): 2-process DDP, DeepSpeed ZeRO-2 and ZeRO-3.
 
-Each case launches tests/anchor_scripts/run_anchor.py with `accelerate launch`; every rank writes its final
+Each case launches tests/anchor/scripts/run_anchor.py with `accelerate launch`; every rank writes its final
 reference weights, the float64 EMA recomputed from its own (gathered) policy snapshots, and the logits of the
 reference's forward next to those of a plain model holding the expected anchor. The three backends see the
 same data and seeds, so their anchors must also agree with each other.
@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "tests" / "anchor_scripts" / "run_anchor.py"
+SCRIPT = REPO / "tests" / "anchor" / "scripts" / "run_anchor.py"
 EMA_RATE = 0.3
 BACKENDS = {
     "ddp": ["--config_file", "accelerate_configs/cpu_multi_process.yaml"],

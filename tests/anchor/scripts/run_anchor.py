@@ -1,4 +1,4 @@
-"""Launched by tests/test_anchor_distributed.py under `accelerate launch` (DDP, ZeRO-2, ZeRO-3 on CPU/gloo).
+"""Launched by tests/anchor/test_distributed.py under `accelerate launch` (DDP, ZeRO-2, ZeRO-3 on CPU/gloo).
 
 Runs a tiny RLOO for a few steps with EMAAnchorCallback, snapshots the (gathered) policy after every optimizer
 step, and writes, per rank, `<out>/rank<r>.safetensors` holding the final reference weights (`anchor.<name>`,
