@@ -11,8 +11,8 @@ from pathlib import Path
 from trl import RLOOConfig, RLOOTrainer
 
 from warpkit import EMAAnchorCallback
-from warpkit.workloads.default import review_prompts, vader_reward
 from warpkit.testing import save_tiny_model
+from warpkit.workloads.default import review_prompts, vader_reward
 
 with tempfile.TemporaryDirectory() as tmp:
     model = save_tiny_model(Path(tmp) / "sft", "llama")
