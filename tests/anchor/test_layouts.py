@@ -164,7 +164,7 @@ def _zero3_module(full: dict[str, torch.Tensor], status, persist: set[str] = fro
     for name, tensor in full.items():
         param = nn.Parameter(torch.empty(0))
         flat = tensor.flatten()
-        param.ds_tensor = nn.Parameter(flat[: (flat.numel() + 1) // 2].clone())
+        param.ds_tensor = flat[: (flat.numel() + 1) // 2].clone()
         param.ds_shape, param.ds_numel = tensor.shape, tensor.numel()
         param.ds_status, param.ds_persist = status, name in persist
         module.register_parameter(name, param)

@@ -95,10 +95,14 @@ def _incompatible(trainer: Any, what: str) -> str:
     )
 
 
-def _describe(value: Any) -> str:
-    if isinstance(value, dict):
-        return f"a dict with keys {sorted(map(str, value))}"
-    return "nothing" if value is None else f"a {type(value).__name__}"
+def _describe(store: Any) -> str:
+    if store is None:
+        return "nothing"
+    if not isinstance(store, dict):
+        return f"a {type(store).__name__}"
+    if "train" not in store:
+        return f"a dict with keys {sorted(map(str, store))}"
+    return f"a dict whose 'train' entry is a {type(store['train']).__name__}"
 
 
 def _installed(package: str) -> str:
