@@ -19,6 +19,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,10 +38,19 @@ def _sync(device: str) -> None:
 
 
 def _stand_in_trainer(policy, ref):
-    """The attributes EMAAnchorCallback reads from a TRL trainer, for timing `update()` alone."""
+    """The attributes EMAAnchorCallback reads from a TRL trainer, for timing `update()` alone.
+
+    `_metrics` and `_load_optimizer_and_scheduler` stand in for the TRL internals that
+    `warpkit.anchor.trl_adapter` checks when the callback is built.
+    """
     args = SimpleNamespace(gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1)
     return SimpleNamespace(
-        args=args, beta=0.1, model=policy, ref_model=ref, _load_optimizer_and_scheduler=lambda *a, **k: None
+        args=args,
+        beta=0.1,
+        model=policy,
+        ref_model=ref,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        _load_optimizer_and_scheduler=lambda *a, **k: None,
     )
 
 

@@ -32,10 +32,19 @@ Under ZeRO-3 each rank saves its slices, so a resume needs the same number of pr
 Cost per update: fp32, one pass reading policy and anchor and writing the anchor (`bench/anchor.py` measures
 it at the speed of a single `lerp_` over a flat buffer); bf16/fp16, the fp32 shadow adds 4 bytes per parameter
 of memory and is updated cache-blocked. LoRA exact: one `addmm_` per adapted layer.
+
+Modules, imports pointing down (callback -> layouts, lora -> ema; trl_adapter imports nothing of warpkit):
+
+- `ema`: the update rules as pure torch functions over tensor lists (and the LoRA delta's dense EMA);
+- `layouts`: the `Layout` interface, full fine-tuning with fp32 shadows, ZeRO-3 local slices;
+- `lora`: the LoRA layouts (exact D, factors) and the checks of what LoRA setups are supported;
+- `trl_adapter`: the only module touching TRL/Trainer private internals, checked when the callback is built;
+- `callback`: `EMAAnchorCallback`, the Trainer events, logging and checkpoint files.
 """
 
 from warpkit.anchor.callback import EMAAnchorCallback
 from warpkit.anchor.ema import ema_update_
-from warpkit.anchor.layouts import LoraMode
+from warpkit.anchor.lora import LoraMode
+from warpkit.anchor.trl_adapter import TrlInternalsError
 
-__all__ = ["EMAAnchorCallback", "LoraMode", "ema_update_"]
+__all__ = ["EMAAnchorCallback", "LoraMode", "TrlInternalsError", "ema_update_"]

@@ -1,4 +1,4 @@
-"""Launched by tests/test_anchor_distributed.py under `accelerate launch` (DDP, ZeRO-2, ZeRO-3 on CPU/gloo).
+"""Launched by tests/anchor/test_distributed.py under `accelerate launch` (DDP, ZeRO-2, ZeRO-3 on CPU/gloo).
 
 Runs a tiny RLOO for a few steps with EMAAnchorCallback, snapshots the (gathered) policy after every optimizer
 step, and writes, per rank, `<out>/rank<r>.safetensors` holding the final reference weights (`anchor.<name>`,
@@ -77,7 +77,7 @@ def main() -> None:
             {n[len("expected.") :]: t for n, t in result.items() if n.startswith("expected.")}, strict=False
         )
         result["expected_logits"] = plain(input_ids=input_ids).logits
-    result["zero3"] = torch.tensor(int(callback._layout.kind == "zero3"))
+    result["zero3"] = torch.tensor(int(callback.layout.kind == "zero3"))
     rank = dist.get_rank() if dist.is_initialized() else 0
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in result.items()}, str(out_dir / f"rank{rank}.safetensors"))
