@@ -57,7 +57,7 @@ def tiny_frontier_root(tmp_path_factory) -> Path:
 
 
 def test_frontier_tiny_config_end_to_end(tiny_frontier_root, tmp_path, monkeypatch, capsys):
-    from warpkit import frontier_run
+    from warpkit.frontier import run as frontier_run
     from warpkit.cli import main
 
     monkeypatch.setenv("WARPKIT_TINY", str(tiny_frontier_root))

@@ -15,7 +15,7 @@ import types
 import pytest
 import torch
 
-from warpkit.frontier import distinct_n, evaluate_policy, mean_stderr, score_completions
+from warpkit.frontier.estimate import distinct_n, evaluate_policy, mean_stderr, score_completions
 
 VOCAB, EOS, PAD, MAX_NEW = 7, 6, 0, 3
 PROMPTS = [[1, 2, 3], [4], [2, 5, 1, 3, 4]]  # different lengths: the batches are left padded

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from warpkit.frontier_config import FrontierConfig, LitiSweep, PolicySpec, load_frontier_config
-from warpkit.frontier_run import run_frontier
+from warpkit.frontier.config import FrontierConfig, LitiSweep, PolicySpec, load_frontier_config
+from warpkit.frontier.run import run_frontier
 
 PROMPTS = ["The movie was", "I think the ending"]
 
@@ -170,7 +170,7 @@ def test_reward_model_folder(sft, tmp_path):
     """A folder with a 1-label sequence classifier is a reward: scores equal a direct forward pass."""
     from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
 
-    from warpkit.frontier_inputs import load_reward
+    from warpkit.frontier.inputs import load_reward
 
     torch.manual_seed(0)
     rm = GPT2ForSequenceClassification(
@@ -194,7 +194,7 @@ def test_reward_model_folder(sft, tmp_path):
 
 
 def test_trajectory_glob_is_in_step_order_not_lexicographic(tmp_path, monkeypatch):
-    from warpkit.frontier_config import expand_trajectory
+    from warpkit.frontier.config import expand_trajectory
 
     for step in (100, 20, 3):
         (tmp_path / "run" / f"checkpoint-{step}").mkdir(parents=True)

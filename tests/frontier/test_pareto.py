@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from warpkit.pareto import hypervolume, pareto_front, reward_at_kl, reward_at_matched_kl
+from warpkit.frontier.pareto import hypervolume, pareto_front, reward_at_kl, reward_at_matched_kl
 
 # index:      0    1    2    3    4    5    6    7
 KL = [0.0, 1.0, 2.0, 2.0, 3.0, 1.0, 4.0, 1.0]

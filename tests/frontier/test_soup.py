@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from warpkit.frontier_config import FrontierConfig, PolicySpec, SoupSweep, load_frontier_config
+from warpkit.frontier.config import FrontierConfig, PolicySpec, SoupSweep, load_frontier_config
 from warpkit.testing import make_tiny_model, make_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 POSITIVE = [1049, 922, 1842, 7932, 1266, 3772, 6275, 4998, 4950, 2818]  # " great", " good", " love", ...
 EOS = 50256
 PROMPTS = ["The movie was", "I think the ending"]
-THIS = "tests.test_frontier_soup"
+THIS = "tests.frontier.test_soup"
 
 
 def build_rewarded_soup_models(root: Path) -> Path:
@@ -140,7 +140,7 @@ def test_weighted_average_is_the_float64_weighted_sum(soup_root):
 
 
 def test_soup_sweep_vectors_and_point_names():
-    from warpkit.frontier_run import _jobs
+    from warpkit.frontier.run import _jobs
 
     assert SoupSweep(["a", "b"]).vectors() == [[1.0, 0.0], [0.75, 0.25], [0.5, 0.5], [0.25, 0.75], [0.0, 1.0]]
     spec = PolicySpec("rs", "m", soup=SoupSweep(["a", "b", "c"], weights=[[0.5, 0.25, 0.25], [0, 0, 1]]))
@@ -154,7 +154,7 @@ def test_soup_sweep_vectors_and_point_names():
 
 
 def test_soup_points_extra_rewards_and_outputs(soup_root, tmp_path):
-    from warpkit.frontier_run import run_frontier, write_frontier
+    from warpkit.frontier.run import run_frontier, write_frontier
 
     config = _config(
         soup_root,
@@ -269,7 +269,7 @@ def test_soup_points_extra_rewards_and_outputs(soup_root, tmp_path):
 
 
 def test_nan_extra_reward_is_an_error_by_default(soup_root):
-    from warpkit.frontier_run import run_frontier
+    from warpkit.frontier.run import run_frontier
 
     config = _config(soup_root, [], extra_rewards={"sometimes": f"{THIS}:nan_first"})
     with pytest.raises(
@@ -305,7 +305,7 @@ def _row(name: str, method: str, reward: float, other: float, kind: str = "path"
 
 
 def test_pareto_front_max_on_hand_made_points():
-    from warpkit.pareto import pareto_front_max
+    from warpkit.frontier.pareto import pareto_front_max
 
     x = [0.0, 1.0, 2.0, 1.0, 0.5, 2.0, 1.0]
     y = [3.0, 2.0, 0.0, 1.0, 1.0, 0.0, 2.0]
@@ -317,7 +317,7 @@ def test_pareto_front_max_on_hand_made_points():
 
 
 def test_reward_fronts_in_summary_on_hand_made_rows():
-    from warpkit.frontier_run import _summarise
+    from warpkit.frontier.run import _summarise
 
     rows = [
         _row("sft", "sft", 0.0, 0.5),
@@ -346,7 +346,7 @@ def test_reward_fronts_in_summary_on_hand_made_rows():
 
 
 def test_rewards_png_only_with_extra_rewards(tmp_path):
-    from warpkit.frontier_run import _summarise, write_frontier
+    from warpkit.frontier.run import _summarise, write_frontier
 
     rows = [
         _row("sft", "sft", 0.0, 0.5),
@@ -436,7 +436,7 @@ def test_bad_extra_rewards_are_refused(fields, match):
 def test_soup_of_models_with_other_shapes_is_refused_before_sampling(
     soup_root, tiny_model_factory, monkeypatch
 ):
-    from warpkit import frontier_run
+    from warpkit.frontier import run as frontier_run
 
     wider = tiny_model_factory("gpt2", False, hidden_size=64)  # same vocabulary and tokenizer, other shapes
     monkeypatch.setattr(
@@ -451,7 +451,7 @@ def test_soup_of_models_with_other_shapes_is_refused_before_sampling(
 
 
 def test_missing_soup_model_is_refused_before_sampling(soup_root, monkeypatch):
-    from warpkit import frontier_run
+    from warpkit.frontier import run as frontier_run
 
     monkeypatch.setattr(
         frontier_run, "evaluate_policy", lambda *a, **k: pytest.fail("sampled before the check")

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from warpkit.frontier_config import FrontierConfig
+from warpkit.frontier.config import FrontierConfig
 
 __all__ = ["FrontierScorer", "frontier_scorer"]
 
@@ -48,8 +48,8 @@ class FrontierScorer:
         return float(row["reward_mean"]) - self.kl_coef * float(row[f"{self.config.front_kl}_mean"])
 
     def __call__(self, folder: str | Path) -> float:
-        from warpkit.frontier_config import PolicySpec
-        from warpkit.frontier_run import run_frontier
+        from warpkit.frontier.config import PolicySpec
+        from warpkit.frontier.run import run_frontier
 
         folder = Path(folder).resolve()
         if not folder.is_dir():
@@ -86,7 +86,7 @@ def frontier_scorer(
     Example: `greedy_soup(runs, frontier_scorer("frontier.yaml", kl_coef=0.1), "soup")` keeps a run only
     if the soup's mean reward minus 0.1 x its KL to the reference (nats per completion) improves.
     """
-    from warpkit.frontier_config import FrontierConfig, load_frontier_config
+    from warpkit.frontier.config import FrontierConfig, load_frontier_config
 
     if not isinstance(config, FrontierConfig):
         config = load_frontier_config(config)

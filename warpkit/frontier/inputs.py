@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from warpkit.frontier_config import FrontierConfig
+from warpkit.frontier.config import FrontierConfig
 
 __all__ = [
     "check_compatible",

@@ -4,7 +4,7 @@
 Order of work: every input is checked before the first sample is drawn (folders, safetensors, vocabulary
 and tokenizer against the reference, prompt lengths against every context), so a bad config fails in
 seconds. Then each point is sampled and scored (`warpkit.frontier`), its reward computed and checked,
-and the fronts, hypervolumes and matched-KL comparisons derived (`warpkit.pareto`). Extra rewards score
+and the fronts, hypervolumes and matched-KL comparisons derived (`warpkit.frontier.pareto`). Extra rewards score
 the same samples as the main reward; with them each method also gets a front across two rewards
 (rewarded soups, Ramé et al. 2023: every soup evaluated on every reward).
 """
@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from warpkit.frontier import distinct_n, evaluate_policy, mean_stderr
-from warpkit.frontier_config import FrontierConfig, PolicySpec, SoupSweep, expand_trajectory
-from warpkit.frontier_inputs import (
+from warpkit.frontier.estimate import distinct_n, evaluate_policy, mean_stderr
+from warpkit.frontier.config import FrontierConfig, PolicySpec, SoupSweep, expand_trajectory
+from warpkit.frontier.inputs import (
     check_compatible,
     check_folder,
     check_rewards,
@@ -38,7 +38,7 @@ from warpkit.frontier_inputs import (
     load_reward,
     resolve_device,
 )
-from warpkit.pareto import hypervolume, pareto_front, pareto_front_max, reward_at_matched_kl
+from warpkit.frontier.pareto import hypervolume, pareto_front, pareto_front_max, reward_at_matched_kl
 
 __all__ = ["FrontierResult", "print_frontier", "run_frontier", "write_frontier"]
 
@@ -507,7 +507,7 @@ def _reward_label(spec: str) -> str:
 
 
 def _plot(result: FrontierResult, path: Path) -> None:
-    from warpkit.plot import plot_frontier
+    from warpkit.frontier.plot import plot_frontier
 
     s = result.settings
     estimator = "per-position exact KL" if s["front_kl"] == "kl_exact" else "Monte Carlo log-ratio"
@@ -533,7 +533,7 @@ def _plot(result: FrontierResult, path: Path) -> None:
 
 
 def _plot_rewards(result: FrontierResult, path: Path) -> None:
-    from warpkit.plot import plot_rewards
+    from warpkit.frontier.plot import plot_rewards
 
     s = result.settings
     x_axis, y_axis = result.reward_front_axes
