@@ -28,7 +28,7 @@ _LAZY: dict[str, str] = {
     "FrontierConfig": "warpkit.frontier.config",
     "load_frontier_config": "warpkit.frontier.config",
     "run_frontier": "warpkit.frontier.run",
-    "write_frontier": "warpkit.frontier.run",
+    "write_frontier": "warpkit.frontier.output",
     "evaluate_policy": "warpkit.frontier.estimate",
     "pareto_front": "warpkit.frontier.pareto",
     "pareto_front_max": "warpkit.frontier.pareto",

@@ -269,7 +269,8 @@ def _frontier_parser(sub: argparse._SubParsersAction) -> None:
 
 def _frontier(args: argparse.Namespace) -> int:
     from warpkit.frontier.config import load_frontier_config
-    from warpkit.frontier.run import print_frontier, run_frontier, write_frontier
+    from warpkit.frontier.output import print_frontier, write_frontier
+    from warpkit.frontier.run import run_frontier
 
     config = load_frontier_config(args.config, output_dir=args.output_dir, device=args.device)
     result = run_frontier(config)

@@ -1,36 +1,63 @@
-"""Inputs of the frontier, loaded and checked: models, tokenizers, prompts and rewards.
+"""Inputs of the frontier, loaded and checked: models, tokenizers and prompts (rewards: `rewards`).
 
 Every check here runs before the first sample is drawn, and every error names the offending value and
 the fix: a missing folder, pickled weights, a vocabulary or tokenizer that differs from the reference
-(the KL is then undefined), a prompt longer than the context, a reward of the wrong length or type.
+(the KL is then undefined), soup models of different shapes, a prompt longer than the context.
+`prepare_inputs` runs them all and returns what sampling needs (`FrontierInputs`).
 """
 
 from __future__ import annotations
 
-import importlib
-import json
-import math
-import os
-from collections.abc import Callable
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from warpkit._util.tensors import check_same_tensors
 from warpkit.frontier.config import FrontierConfig
+from warpkit.frontier.policies import SoupSweep
+from warpkit.workloads import DEFAULT_MODEL, TINY_MODEL, load_prompt_dataset, resolve_model_path
 
 __all__ = [
+    "MODEL_ALIASES",
+    "FrontierInputs",
     "check_compatible",
     "check_folder",
-    "check_rewards",
+    "check_soup_tensors",
     "context_length",
     "encode_prompt",
-    "import_object",
     "load_model",
     "load_prompts",
-    "load_reward",
+    "prepare_inputs",
     "resolve_device",
+    "resolve_model_names",
 ]
+
+logger = logging.getLogger(__name__)
+
+MODEL_ALIASES = ("default",)  # the frontier's historical name of `warpkit:default`
+
+
+@dataclass
+class FrontierInputs:
+    """What every point is evaluated on, once checked.
+
+    ``prompts`` are the kept prompts (text or chat messages) and ``encoded`` their token ids;
+    ``prompts_too_long`` the ``(index, length)`` of prompts left out (``on_long_prompt: skip``);
+    ``context`` the smallest context of all the models (None when no config states one).
+    """
+
+    reference_dir: str
+    tokenizer: Any
+    eos_token_id: int | None
+    pad_token_id: int
+    device: torch.device
+    context: int | None
+    prompts: list[Any]
+    encoded: list[list[int]]
+    prompts_too_long: list[tuple[int, int]]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -38,6 +65,24 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def resolve_model_names(config: FrontierConfig) -> None:
+    """Replace model names (``default``, ``warpkit:default``, ``warpkit:tiny``) by their folders, in place,
+    in reference, path, liti.init and soup.models; folders are left as written (`check_folder` names them)."""
+
+    def resolve(name: str) -> str:
+        if name in (DEFAULT_MODEL, TINY_MODEL, *MODEL_ALIASES):
+            return resolve_model_path(name, aliases=MODEL_ALIASES)
+        return name
+
+    config.reference = resolve(config.reference)
+    for p in config.policies:
+        p.path = None if p.path is None else resolve(p.path)
+        if p.liti is not None:
+            p.liti.init = resolve(p.liti.init)
+        if p.soup is not None:
+            p.soup.models = [resolve(m) for m in p.soup.models]
 
 
 def check_folder(path: str, what: str, allow_pickle: bool) -> None:
@@ -118,72 +163,34 @@ def check_compatible(reference_dir: str, reference_tokenizer: Any, path: str, wh
             )
 
 
-def import_object(spec: str, what: str) -> Any:
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise ValueError(f"{what} {spec!r} must be 'package.module:function'.")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"{what} {spec!r} cannot be imported: {e}") from e
+def check_soup_tensors(name: str, soup: SoupSweep) -> None:
+    """Refuse soup models whose tensors differ in names or shapes, from the safetensors headers alone.
 
-
-def load_reward(spec: str, device: torch.device, batch_size: int = 16) -> Callable[..., Any]:
-    """A reward with TRL's signature ``f(prompts=, completions=, completion_ids=) -> list[float]``.
-
-    ``spec`` is ``module:function`` or a folder with an ``AutoModelForSequenceClassification`` (1 label)
-    and its tokenizer; a reward model scores the chat (its template) or prompt + completion text.
+    Folders with pickled weights only (allow_pickle) are checked later, when their state dicts load.
     """
-    if not os.path.isdir(spec):
-        fn = import_object(spec, "reward")
-        if not callable(fn):
-            raise TypeError(f"reward {spec!r} is not callable.")
-        return fn
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from warpkit.merge.checkpoint import Checkpoint
 
-    check_folder(spec, "reward model", allow_pickle=False)
-    model = AutoModelForSequenceClassification.from_pretrained(spec, use_safetensors=True).to(device).eval()
-    if model.config.num_labels != 1:
-        raise ValueError(f"reward model {spec!r} has {model.config.num_labels} labels; a reward model has 1.")
-    tokenizer = AutoTokenizer.from_pretrained(spec)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.config.pad_token_id = tokenizer.pad_token_id
-
-    @torch.no_grad()
-    def reward_model(prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:
-        texts = []
-        for prompt, completion in zip(prompts, completions, strict=True):
-            if isinstance(prompt, list) and tokenizer.chat_template:
-                texts.append(tokenizer.apply_chat_template(prompt + completion, tokenize=False))
-            elif isinstance(prompt, list):
-                texts.append("".join(m["content"] for m in prompt + completion))
-            else:
-                texts.append(prompt + completion)
-        scores = []
-        for i in range(0, len(texts), batch_size):
-            batch = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True).to(device)
-            scores += model(**batch).logits[:, 0].float().tolist()
-        return scores
-
-    return reward_model
+    if not all(any(Path(m).glob("*.safetensors")) for m in soup.models):
+        return
+    first = {n: t.shape for n, t in Checkpoint(soup.models[0]).tensors.items()}
+    for i, path in enumerate(soup.models[1:], start=1):
+        check_same_tensors(
+            first,
+            {n: t.shape for n, t in Checkpoint(path).tensors.items()},
+            f"policy {name!r}: soup.models[{i}] {path!r}",
+            f"soup.models[0] {soup.models[0]!r}",
+            fix="A rewarded soup averages the weights of policies fine-tuned from one init, so they need the "
+            "same architecture and shapes: list only policies fine-tuned from the same base model.",
+        )
 
 
 def load_prompts(config: FrontierConfig) -> list[Any]:
     """The first ``num_prompts`` prompts (strings, or lists of chat messages) named by ``config.prompts``."""
-    spec = config.prompts
-    if isinstance(spec, list):
-        prompts = list(spec)
-    elif spec.endswith(".txt"):
-        prompts = [line for line in Path(spec).read_text().splitlines() if line.strip()]
-    elif spec.endswith(".jsonl"):
-        prompts = [json.loads(line)["prompt"] for line in Path(spec).read_text().splitlines() if line.strip()]
-    else:
-        data = import_object(spec, "prompts")(**config.prompts_kwargs)
-        prompts = list(data["prompt"]) if not isinstance(data, list) else data
-    if not prompts:
-        raise ValueError(f"prompts {spec!r} gave no prompt.")
-    return prompts[: config.num_prompts]
+    split = str(config.prompts_kwargs.get("split", "eval"))
+    dataset = load_prompt_dataset(config.prompts, split=split, kwargs=config.prompts_kwargs)
+    if config.num_prompts is not None and config.num_prompts < len(dataset):
+        dataset = dataset.select(range(config.num_prompts))
+    return list(dataset["prompt"])
 
 
 def encode_prompt(prompt: Any, tokenizer: Any) -> list[int]:
@@ -194,41 +201,61 @@ def encode_prompt(prompt: Any, tokenizer: Any) -> list[int]:
     return tokenizer(prompt)["input_ids"]
 
 
-# ----------------------------------------------------------------------------- rewards
+# ----------------------------------------------------------------------------- all checks, in order
 
 
-def check_rewards(
-    raw: Any, n: int, point: str, on_nan: str, texts: list[str], *, what: str = "the reward"
-) -> list[float]:
-    """Floats, one per completion; None / NaN / inf are errors, or NaN (skipped) when on_nan == 'skip'.
+def prepare_inputs(config: FrontierConfig) -> FrontierInputs:
+    """Resolve model names, check every folder and the prompts against every context, encode the prompts.
 
-    ``what`` names the reward in errors (e.g. ``extra reward 'brevity'``).
+    Model names in ``config`` are replaced by their folders (in place). Nothing is sampled.
     """
-    if isinstance(raw, torch.Tensor):
-        raw = raw.detach().float().cpu().tolist()
-    if not hasattr(raw, "__len__") or isinstance(raw, (str, bytes, dict)):
-        raise TypeError(
-            f"{what} returned {type(raw).__name__} for point {point!r}; it must return a list of floats."
-        )
-    if len(raw) != n:
+    from transformers import AutoConfig, AutoTokenizer
+
+    device = resolve_device(config.device)
+    resolve_model_names(config)
+    reference_dir = config.reference
+    check_folder(reference_dir, "reference", config.allow_pickle)
+    tokenizer = AutoTokenizer.from_pretrained(reference_dir, trust_remote_code=False)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    pad = eos if pad is None else pad
+    if pad is None:
+        raise ValueError(f"the reference tokenizer at {reference_dir!r} has neither a pad nor an EOS token.")
+    folders = [f for spec in config.policies for f in spec.folders()]
+    for path, what in folders:
+        check_folder(path, what, config.allow_pickle)
+        check_compatible(reference_dir, tokenizer, path, what)
+    for spec in config.policies:
+        if spec.soup is not None:
+            check_soup_tensors(spec.name, spec.soup)
+    contexts = [
+        context_length(AutoConfig.from_pretrained(p)) for p in [reference_dir, *(f for f, _ in folders)]
+    ]
+    context = min((c for c in contexts if c), default=None)
+    prompts, encoded, too_long = _fit_prompts(config, tokenizer, context)
+    return FrontierInputs(reference_dir, tokenizer, eos, pad, device, context, prompts, encoded, too_long)
+
+
+def _fit_prompts(
+    config: FrontierConfig, tokenizer: Any, context: int | None
+) -> tuple[list[Any], list[list[int]], list[tuple[int, int]]]:
+    """(prompts, their token ids, (index, length) of those left out) under ``on_long_prompt``."""
+    prompts = load_prompts(config)
+    encoded = [encode_prompt(p, tokenizer) for p in prompts]
+    too_long = [
+        (i, len(e)) for i, e in enumerate(encoded) if context and len(e) + config.max_new_tokens > context
+    ]
+    if too_long and config.on_long_prompt == "error":
         raise ValueError(
-            f"{what} returned {len(raw)} values for {n} completions of point {point!r}; "
-            "it must return exactly one float per completion, in order."
+            f"{len(too_long)} prompt(s) do not fit the context of {context} tokens with max_new_tokens="
+            f"{config.max_new_tokens} (prompt index, length): {too_long[:5]}. Shorten them, lower max_new_tokens, "
+            "or set on_long_prompt: skip to leave them out (they are reported)."
         )
-    values = []
-    for v in raw:
-        if v is None:
-            values.append(math.nan)
-            continue
-        try:
-            values.append(float(v))
-        except (TypeError, ValueError) as e:
-            raise TypeError(f"{what} returned {v!r} for point {point!r}; expected a number.") from e
-    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
-    if bad and on_nan == "error":
+    if too_long:
+        logger.warning("skipping %d prompt(s) longer than the context: %s", len(too_long), too_long[:5])
+    long_ids = {i for i, _ in too_long}
+    kept = [i for i in range(len(prompts)) if i not in long_ids]
+    if not kept:
         raise ValueError(
-            f"{what} returned {len(bad)} non-finite value(s) (NaN, inf or None) out of {n} for point "
-            f"{point!r}; first: {values[bad[0]]} for completion {texts[bad[0]]!r}. Fix the reward, or set "
-            "on_nan_reward: skip to leave those samples out of the reward mean (they are counted)."
+            f"every prompt is longer than the context ({context} tokens) allows; nothing to evaluate."
         )
-    return [v if math.isfinite(v) else math.nan for v in values]
+    return [prompts[i] for i in kept], [encoded[i] for i in kept], too_long

@@ -242,14 +242,29 @@ def lerp(
     return _merge(init, models, lambda g, n: lerp_coefficients(g, w, n), granularity, dtype, compute_dtype)
 
 
-def check_eta(eta: float, allow_extrapolation: bool) -> None:
-    """LITI's η: finite, >= 0, and <= 1 unless extrapolating (η > 1, as ExPO) is allowed explicitly."""
-    if not math.isfinite(eta):
-        raise ValueError(f"liti_eta must be finite, got {eta}.")
-    if eta < 0 or (eta > 1 and not allow_extrapolation):
+def check_eta(
+    eta: float | Sequence[float],
+    allow_extrapolation: bool,
+    *,
+    name: str = "liti_eta",
+    fix: str = "pass allow_extrapolation=True (CLI: --allow-extrapolation)",
+) -> None:
+    """LITI's η: finite, >= 0, and <= 1 unless extrapolating (η > 1, as ExPO) is allowed explicitly.
+
+    One value (`name` = `liti_eta`: "liti_eta=2.0 is outside [0, 1] ...") or a list of them (e.g. a
+    frontier's `liti.etas`: "liti.etas [1.5] are outside [0, 1] ...", every bad value listed); `fix` says
+    how to allow extrapolation where the value was given (a keyword, a CLI flag, a YAML field).
+    """
+    many = isinstance(eta, Sequence)
+    if not many and not math.isfinite(eta):
+        raise ValueError(f"{name} must be finite, got {eta}.")
+    values = list(eta) if many else [eta]
+    bad = [e for e in values if not (math.isfinite(e) and e >= 0 and (e <= 1 or allow_extrapolation))]
+    if bad:
+        subject = f"{name} {bad} are" if many else f"{name}={eta} is"
         raise ValueError(
-            f"liti_eta={eta} is outside [0, 1]. eta > 1 extrapolates past the merge (as in ExPO); "
-            "pass allow_extrapolation=True (CLI: --allow-extrapolation) if that is what you want."
+            f"{subject} outside [0, 1]. eta > 1 extrapolates past the merge (as in ExPO); {fix} if that is "
+            "what you want."
         )
 
 
