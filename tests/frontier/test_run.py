@@ -13,6 +13,7 @@ import csv
 import json
 import math
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,9 +22,11 @@ from transformers import AutoModelForCausalLM
 
 from tests.frontier.helpers import CALLS, PROMPTS, THIS, small_config
 from warpkit._util.files import TMP_MARK
+from warpkit.frontier.config import FrontierConfig
 from warpkit.frontier.output import write_frontier
 from warpkit.frontier.policies import PolicySpec, SoupSweep
 from warpkit.frontier.run import run_frontier
+from warpkit.frontier.summary import FrontierResult
 from warpkit.merge import weighted_average
 from warpkit.testing import POSITIVE_TOKENS
 
@@ -70,7 +73,21 @@ def test_weighted_average_is_the_float64_weighted_sum(soup_root):
 # ----------------------------------------------------------------------------- a run
 
 
-def test_soup_points_extra_rewards_and_outputs(soup_root, tmp_path):
+@dataclass
+class SoupRun:
+    """One run of sft, the two models as plain points and their 3-point soup, on three extra rewards."""
+
+    config: FrontierConfig
+    result: FrontierResult
+    calls: list[dict]  # what the main reward scored, point by point
+
+    @property
+    def rows(self) -> dict[str, dict]:
+        return {r["name"]: r for r in self.result.points}
+
+
+@pytest.fixture(scope="module")
+def soup_run(soup_root) -> SoupRun:
     config = small_config(
         soup_root / "sft",
         [
@@ -89,7 +106,11 @@ def test_soup_points_extra_rewards_and_outputs(soup_root, tmp_path):
     )
     CALLS.clear()
     result = run_frontier(config, progress=False)
-    rows = {r["name"]: r for r in result.points}
+    return SoupRun(config, result, list(CALLS))
+
+
+def test_soup_points_are_the_models_at_the_ends(soup_run):
+    rows = soup_run.rows
     assert list(rows) == ["sft", "positive", "concise", "soup/w=1,0", "soup/w=0.5,0.5", "soup/w=0,1"]
     assert rows["soup/w=0.5,0.5"]["kind"] == "soup" and rows["soup/w=0.5,0.5"]["weights"] == [0.5, 0.5]
     assert rows["positive"]["weights"] is None
@@ -118,10 +139,13 @@ def test_soup_points_extra_rewards_and_outputs(soup_root, tmp_path):
     assert rows["positive"]["rewards"]["positive"]["mean"] > rows["concise"]["rewards"]["positive"]["mean"]
     assert rows["positive"]["length_mean"] > rows["concise"]["length_mean"]
 
-    # Extra rewards scored the very completions the main reward saw, and their means and standard errors
-    # match an independent recomputation (sample j of prompt i is row i * k + j).
-    assert len(CALLS) == len(rows)
-    for call, row in zip(CALLS, result.points, strict=True):
+
+def test_extra_rewards_score_the_samples_of_the_main_reward(soup_run):
+    """Extra rewards scored the very completions the main reward saw, and their means and standard errors
+    match an independent recomputation (sample j of prompt i is row i * k + j)."""
+    config, result, rows = soup_run.config, soup_run.result, soup_run.rows
+    assert len(soup_run.calls) == len(rows)
+    for call, row in zip(soup_run.calls, result.points, strict=True):
         index = [i for i in range(len(PROMPTS)) for _ in range(config.samples_per_prompt)]
         counts = [float(sum(Counter(ids)[t] for t in POSITIVE_TOKENS)) for ids in call["ids"]]
         chars = [float(len(c)) for c in call["completions"]]
@@ -138,7 +162,10 @@ def test_soup_points_extra_rewards_and_outputs(soup_root, tmp_path):
         assert row["rewards"]["sometimes"]["mean"] == 1.0 and row["rewards"]["sometimes"]["num_skipped"] == 1
     assert result.skipped["extra_rewards"]["sometimes"] == {name: 1 for name in rows}
 
-    # Fronts across rewards: (main reward, first extra reward), both maximised, within each method.
+
+def test_fronts_across_rewards(soup_run):
+    """Fronts across rewards: (main reward, first extra reward), both maximised, within each method."""
+    result, rows = soup_run.result, soup_run.rows
     assert result.reward_front_axes == ["reward", "positive"]
     assert set(result.reward_fronts) == {"single_reward", "rewarded_soup"}
     for method, names in result.reward_fronts.items():
@@ -159,6 +186,9 @@ def test_soup_points_extra_rewards_and_outputs(soup_root, tmp_path):
     )
     assert "frontier/sft/reward_chars_stderr" in metrics
 
+
+def test_files_of_a_soup_run(soup_run, tmp_path):
+    result, rows = soup_run.result, soup_run.rows
     out = write_frontier(result, tmp_path / "out")
     doc = json.loads((out / "frontier.json").read_text())
     assert doc["reward_fronts"] == result.reward_fronts and doc["reward_front_axes"] == ["reward", "positive"]

@@ -26,13 +26,13 @@ from typing import Any
 from warpkit.merge.math import check_eta
 
 __all__ = [
-    "REFERENCE_POINT",
     "LitiSweep",
     "Point",
     "PolicySpec",
     "SoupSweep",
     "expand_path",
     "expand_trajectory",
+    "reference_point",
 ]
 
 
@@ -167,8 +167,9 @@ class Point:
     weights: list[float] | None = None
 
 
-# The SFT reference itself: KL = 0, and a member of every method's front.
-REFERENCE_POINT = Point("sft", "sft", "reference", "sft")
+def reference_point() -> Point:
+    """The SFT reference itself (name and method ``sft``): KL = 0, and a member of every method's front."""
+    return Point("sft", "sft", "reference", "sft")
 
 
 @dataclass

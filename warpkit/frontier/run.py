@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from warpkit.frontier.config import FrontierConfig
 from warpkit.frontier.estimate import evaluate_policy
 from warpkit.frontier.inputs import FrontierInputs, load_model, prepare_inputs
-from warpkit.frontier.policies import REFERENCE_POINT, Point, PolicySpec
+from warpkit.frontier.policies import Point, PolicySpec, reference_point
 from warpkit.frontier.rewards import RewardFn, load_rewards, score_rewards
 from warpkit.frontier.summary import FrontierResult, Row, point_row, summarise
 from warpkit.merge.math import liti, weighted_average
@@ -46,7 +46,13 @@ def run_frontier(config: FrontierConfig, *, progress: bool = True) -> FrontierRe
         for point, model in point_models(config, reference, inputs.device):
             bar.set_postfix_str(point.name)
             row, kept = evaluate_point(
-                point, model, reference, config, inputs, reward_fns, progress=bar.update
+                point,
+                model,
+                reference,
+                config=config,
+                inputs=inputs,
+                reward_fns=reward_fns,
+                progress=bar.update,
             )
             rows.append(row)
             samples += kept
@@ -66,10 +72,10 @@ def evaluate_point(
     point: Point,
     model: torch.nn.Module,
     reference: torch.nn.Module,
+    *,
     config: FrontierConfig,
     inputs: FrontierInputs,
     reward_fns: dict[str | None, RewardFn],
-    *,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[Row, list[dict[str, Any]]]:
     """Sample and score one point on every reward: (its row, its first `SAMPLES_KEPT` samples)."""
@@ -123,7 +129,7 @@ def point_models(
     asking for the next.
     """
     if config.include_reference:
-        yield REFERENCE_POINT, reference
+        yield reference_point(), reference
     for spec in config.policies:
         if spec.soup is not None:
             yield from _soup_models(spec, config, device)

@@ -23,7 +23,7 @@ from warpkit.frontier.pareto import hypervolume, pareto_front, pareto_front_max,
 from warpkit.frontier.policies import Point
 from warpkit.frontier.stats import distinct_n, mean_stderr
 
-__all__ = ["FrontierResult", "point_row", "reward_value", "summarise"]
+__all__ = ["FrontierResult", "Row", "point_row", "reward_value", "summarise"]
 
 Row = dict[str, Any]
 
