@@ -247,7 +247,7 @@ def _run_whole_model(method, params: dict[str, Any], options: dict[str, Any], co
     if params.get("scorer"):
         params["score"] = import_object(params["scorer"], "--scorer", callable_=True)
     elif params.get("score_config"):
-        from warpkit.frontier_scorer import frontier_scorer
+        from warpkit.frontier.scorer import frontier_scorer
 
         params["score"] = frontier_scorer(params["score_config"], kl_coef=params.get("kl_coef") or 0.0)
     runner = import_object(method.runner, "merge runner", callable_=True)
@@ -274,8 +274,9 @@ def _frontier_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _frontier(args: argparse.Namespace) -> int:
-    from warpkit.frontier_config import load_frontier_config
-    from warpkit.frontier_run import print_frontier, run_frontier, write_frontier
+    from warpkit.frontier.config import load_frontier_config
+    from warpkit.frontier.output import print_frontier, write_frontier
+    from warpkit.frontier.run import run_frontier
 
     config = load_frontier_config(args.config, output_dir=args.output_dir, device=args.device)
     result = run_frontier(config)

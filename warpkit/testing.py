@@ -20,6 +20,7 @@ from warpkit._util.files import atomic_dir
 __all__ = [
     "CHAT_TEMPLATE",
     "POSITIVE_TOKENS",
+    "build_rewarded_soup_models",
     "build_tiny_frontier_models",
     "load_state",
     "make_tiny_model",
@@ -202,3 +203,29 @@ def load_state(folder: str | Path) -> dict[str, torch.Tensor]:
     for f in sorted(Path(folder).glob("*.safetensors")):
         state.update(load_file(f))
     return state
+
+
+def build_rewarded_soup_models(root: str | Path) -> Path:
+    """The hand-made policies of `configs/rewarded_soup_tiny.yaml` under `root`: sft, positive, concise;
+    returns `root`.
+
+    The tiny GPT-2 of `build_tiny_frontier_models` (column 0 of lm_head is an exact per-token logit bias)
+    and two "policies fine-tuned on different rewards" from it: ``positive`` adds +6 to `POSITIVE_TOKENS`
+    (sentiment reward), ``concise`` adds +9 to EOS (brevity reward; it ends about a third of the steps of a
+    random tiny model). A soup of the two interpolates both biases linearly in w.
+    """
+    root = Path(root)
+    eos = 50256
+    tokenizer = make_tiny_tokenizer(root / "tokenizer")
+    base = make_tiny_model("gpt2", tie_word_embeddings=False, hidden_size=32, num_layers=2, seed=0)
+    with torch.no_grad():
+        base.transformer.ln_f.weight[0] = 0.0
+        base.transformer.ln_f.bias[0] = 1.0  # a constant unit: lm_head column 0 is a per-token logit bias
+        base.lm_head.weight[:, 0] = 0.0
+    for name, ids, bias in (("sft", [], 0.0), ("positive", POSITIVE_TOKENS, 6.0), ("concise", [eos], 9.0)):
+        with torch.no_grad():
+            base.lm_head.weight[:, 0] = 0.0
+            base.lm_head.weight[ids, 0] = bias
+        base.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    return root

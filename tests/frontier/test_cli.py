@@ -1,71 +1,34 @@
-"""`warpkit frontier configs/frontier_tiny.yaml` end to end on hand-made tiny policies (CI's plot).
+"""`warpkit frontier` end to end on the shipped tiny configs and their hand-made policies (CI's plots).
 
-The models: a tiny random GPT-2 whose final LayerNorm has one constant output unit (weight 0, bias 1), so
-column 0 of lm_head is an exact per-token logit bias. Policies add a bias ``b`` to ten positive words:
-the KL to the SFT and the VADER reward both grow with ``b`` -- a real trade-off without any training.
+The models (`warpkit.testing.build_tiny_frontier_models`, `build_rewarded_soup_models`): a tiny random
+GPT-2 whose final LayerNorm has one constant output unit (weight 0, bias 1), so column 0 of lm_head is an
+exact per-token logit bias. Policies add a bias ``b`` to ten positive words: the KL to the SFT and the
+VADER reward both grow with ``b`` -- a real trade-off without any training. The soup's two policies add a
+bias to positive words and to EOS: the soup trades the VADER reward for the brevity reward.
 """
 
 from __future__ import annotations
 
-import copy
 import itertools
 import json
 import math
 from pathlib import Path
 
 import pytest
-import torch
 
-from warpkit.testing import make_tiny_model, make_tiny_tokenizer
+from warpkit._util.files import TMP_MARK
+from warpkit.cli import main
+from warpkit.frontier import run
+from warpkit.frontier.config import load_frontier_config
 
 REPO = Path(__file__).resolve().parents[2]
-POSITIVE = [1049, 922, 1842, 7932, 1266, 3772, 6275, 4998, 4950, 2818]  # " great", " good", " love", ...
-
-
-def build_tiny_frontier_models(root: Path) -> Path:
-    """sft, bias-2/4/6 (logit bias on POSITIVE), noisy/checkpoint-{100..400} (bias + growing weight noise)."""
-    tokenizer = make_tiny_tokenizer(root / "tokenizer")
-    base = make_tiny_model("gpt2", tie_word_embeddings=False, hidden_size=32, num_layers=2, seed=0)
-    with torch.no_grad():
-        base.transformer.ln_f.weight[0] = 0.0
-        base.transformer.ln_f.bias[0] = 1.0
-        base.lm_head.weight[:, 0] = 0.0
-
-    def variant(folder: Path, bias: float, noise: float = 0.0) -> None:
-        model = copy.deepcopy(base)
-        with torch.no_grad():
-            model.lm_head.weight[POSITIVE, 0] = bias
-            g = torch.Generator().manual_seed(7)
-            for p in model.transformer.h.parameters():
-                p.add_(noise * torch.randn(p.shape, generator=g))
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-
-    variant(root / "sft", 0.0)
-    for b in (2, 4, 6):
-        variant(root / f"bias-{b}", b)
-    for step, (b, noise) in zip(
-        (100, 200, 300, 400), ((1.5, 0.3), (3, 0.6), (4.5, 0.9), (6, 1.2)), strict=True
-    ):
-        variant(root / "noisy" / f"checkpoint-{step}", b, noise)
-    return root
-
-
-@pytest.fixture(scope="session")
-def tiny_frontier_root(tmp_path_factory) -> Path:
-    return build_tiny_frontier_models(tmp_path_factory.mktemp("frontier-models"))
 
 
 def test_frontier_tiny_config_end_to_end(tiny_frontier_root, tmp_path, monkeypatch, capsys):
-    from warpkit import frontier_run
-    from warpkit.cli import main
-
     monkeypatch.setenv("WARPKIT_TINY", str(tiny_frontier_root))
     loads = []
-    real_load = frontier_run.load_model
-    monkeypatch.setattr(
-        frontier_run, "load_model", lambda path, *a: loads.append(path) or real_load(path, *a)
-    )
+    real_load = run.load_model
+    monkeypatch.setattr(run, "load_model", lambda path, *a: loads.append(path) or real_load(path, *a))
     out = tmp_path / "out"
     assert main(["frontier", str(REPO / "configs" / "frontier_tiny.yaml"), "--output_dir", str(out)]) == 0
 
@@ -120,12 +83,40 @@ def test_frontier_tiny_config_end_to_end(tiny_frontier_root, tmp_path, monkeypat
     assert len(csv_lines) == 1 + len(rows) and csv_lines[0].startswith("name,method,kind")
     png = out / "frontier.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
-    assert not list(out.glob(".frontier-tmp-*"))
+    assert not [p.name for p in out.iterdir() if TMP_MARK in p.name]
     printed = capsys.readouterr().out
     assert "front warp_iter1:" in printed and "liti/eta=0.5" in printed
 
 
-if __name__ == "__main__":  # python tests/test_frontier_cli.py DIR  builds the models of frontier_tiny.yaml
-    import sys
+def test_rewarded_soup_tiny_config_end_to_end(soup_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WARPKIT_TINY", str(soup_root))
+    config = load_frontier_config(REPO / "configs" / "rewarded_soup_tiny.yaml")
+    assert config.extra_rewards == {"brevity": "warpkit.workloads.default:brevity_reward"}
+    out = tmp_path / "out"
+    assert (
+        main(["frontier", str(REPO / "configs" / "rewarded_soup_tiny.yaml"), "--output_dir", str(out)]) == 0
+    )
 
-    print(build_tiny_frontier_models(Path(sys.argv[1])))
+    doc = json.loads((out / "frontier.json").read_text())
+    rows = {r["name"]: r for r in doc["points"]}
+    soup = [f"soup/w={1 - t / 4:g},{t / 4:g}" for t in range(5)]
+    assert list(rows) == ["sft", *soup]
+    # The hand-made trade-off: the positive end wins on sentiment, the concise end on brevity.
+    pos, concise = rows[soup[0]], rows[soup[-1]]
+    assert pos["reward_mean"] - concise["reward_mean"] > 2 * math.hypot(
+        pos["reward_stderr"], concise["reward_stderr"]
+    )
+    b_pos, b_concise = pos["rewards"]["brevity"], concise["rewards"]["brevity"]
+    assert b_concise["mean"] - b_pos["mean"] > 2 * math.hypot(b_pos["stderr"], b_concise["stderr"])
+    # Both ends of the soup are on its reward front: each is the best on one reward.
+    assert doc["reward_front_axes"] == ["reward", "brevity"]
+    assert (
+        doc["reward_fronts"]["rewarded_soup"][0] == soup[-1]
+        and doc["reward_fronts"]["rewarded_soup"][-1] == soup[0]
+    )
+    assert (out / "rewards.png").stat().st_size > 20_000
+    printed = capsys.readouterr().out
+    assert (
+        "reward front rewarded_soup (reward vs brevity, both maximised):" in printed
+        and "rewards.png" in printed
+    )

@@ -14,16 +14,16 @@ import types
 
 import pytest
 import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from warpkit.frontier import distinct_n, evaluate_policy, mean_stderr, score_completions
+from warpkit.frontier.estimate import evaluate_policy, score_completions
+from warpkit.frontier.stats import mean_stderr
 
 VOCAB, EOS, PAD, MAX_NEW = 7, 6, 0, 3
 PROMPTS = [[1, 2, 3], [4], [2, 5, 1, 3, 4]]  # different lengths: the batches are left padded
 
 
 def _tiny(seed: int, arch: str = "llama"):
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
     if arch == "gpt2":  # learned absolute positions: wrong position ids under left padding would show
         config = GPT2Config(
             vocab_size=VOCAB,
@@ -160,26 +160,6 @@ def test_same_seed_same_samples_for_every_policy(models):
     c, _, _ = _estimate(policy, reference, 0.9, k=3)
     assert a.completions == b.completions
     assert a.completions != c.completions
-
-
-def test_mean_stderr_hand_numbers():
-    """Prompt 0: [1, 3] (mean 2, var 2); prompt 1: [4, 6, 8] (mean 6, var 4).
-
-    mean = (2 + 6) / 2 = 4; se^2 = (2/2 + 4/3) / 2^2 = 7/12; NaN values are left out.
-    """
-    mean, se = mean_stderr([1, 3, 4, 6, math.nan, 8], [0, 0, 1, 1, 1, 1])
-    assert mean == pytest.approx(4.0)
-    assert se == pytest.approx(math.sqrt(7 / 12))
-    # One sample per prompt: the i.i.d. formula, values 1, 2, 6: mean 3, var 7, se sqrt(7/3).
-    mean, se = mean_stderr([1, 2, 6], [0, 1, 2])
-    assert (mean, se) == (pytest.approx(3.0), pytest.approx(math.sqrt(7 / 3)))
-
-
-def test_distinct_n_hand_numbers():
-    # bigrams: (1,2) (2,1) (1,2) | (1,2) (2,3): 5 in all, 3 distinct; EOS (6) dropped; no cross-sample n-gram
-    assert distinct_n([[1, 2, 1, 2, 6], [1, 2, 3]], 2, eos_token_id=6) == pytest.approx(3 / 5)
-    assert distinct_n([[1, 2, 3]], 1) == 1.0
-    assert math.isnan(distinct_n([[1], [2]], 2))
 
 
 class _Masked(torch.nn.Module):

@@ -8,7 +8,13 @@ import random
 
 import pytest
 
-from warpkit.pareto import hypervolume, pareto_front, reward_at_kl, reward_at_matched_kl
+from warpkit.frontier.pareto import (
+    hypervolume,
+    pareto_front,
+    pareto_front_max,
+    reward_at_kl,
+    reward_at_matched_kl,
+)
 
 # index:      0    1    2    3    4    5    6    7
 KL = [0.0, 1.0, 2.0, 2.0, 3.0, 1.0, 4.0, 1.0]
@@ -73,13 +79,15 @@ def test_hypervolume_is_the_area_of_the_union_of_rectangles():
         assert area == pytest.approx(cells / n**2, abs=1e-9)
 
 
-def test_reward_at_kl_interpolates_the_front_and_never_extrapolates():
-    # front (0,.1) (1,.5) (2,.7) (4,.9): at 1.5 -> .6; at 3 -> .8; at 1 exactly -> .5
-    assert reward_at_kl(KL, REWARD, 1.5) == pytest.approx(0.6)
-    assert reward_at_kl(KL, REWARD, 3.0) == pytest.approx(0.8)
-    assert reward_at_kl(KL, REWARD, 1.0) == pytest.approx(0.5)
-    assert math.isnan(reward_at_kl(KL, REWARD, 4.5))
-    assert math.isnan(reward_at_kl(KL, REWARD, -0.1))
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [(1.5, 0.6), (3.0, 0.8), (1.0, 0.5), (4.5, math.nan), (-0.1, math.nan)],
+    ids=["between-1-and-2", "between-2-and-4", "on-a-point", "right-of-front", "left-of-front"],
+)
+def test_reward_at_kl_interpolates_the_front_and_never_extrapolates(query, expected):
+    # front (0,.1) (1,.5) (2,.7) (4,.9): at 1.5 -> .6; at 3 -> .8; at 1 exactly -> .5; NaN outside [0, 4]
+    got = reward_at_kl(KL, REWARD, query)
+    assert math.isnan(got) if math.isnan(expected) else got == pytest.approx(expected)
 
 
 def test_reward_at_matched_kl_on_the_overlap():
@@ -96,12 +104,31 @@ def test_reward_at_matched_kl_on_the_overlap():
     assert apart.kl == [] and math.isnan(apart.mean_gap)
 
 
-def test_bad_points_are_refused():
-    with pytest.raises(ValueError, match="kl has 2 values but reward has 1"):
-        pareto_front([0.0, 1.0], [0.5])
-    with pytest.raises(ValueError, match="point 1 is"):
-        pareto_front([0.0, float("nan")], [0.5, 0.6])
-    with pytest.raises(ValueError, match="reference point must be finite"):
-        hypervolume([0.0], [1.0], float("inf"), 0.0)
-    with pytest.raises(ValueError, match="no points"):
-        reward_at_matched_kl("a", [], "b", [(0.0, 1.0)])
+@pytest.mark.parametrize(
+    ("x", "y", "expected"),
+    [
+        # (0, 3), (1, 2), (2, 0) are non-dominated; (1, 1) and (0.5, 1) are dominated by (1, 2); the repeats
+        # of (2, 0) and (1, 2) keep their first index. Sorted by increasing x, hence decreasing y.
+        ([0.0, 1.0, 2.0, 1.0, 0.5, 2.0, 1.0], [3.0, 2.0, 0.0, 1.0, 1.0, 0.0, 2.0], [0, 1, 2]),
+        ([1.0], [1.0], [0]),
+        ([0.0, 1.0], [0.0, 1.0], [1]),  # one point dominates: a single-point front
+    ],
+    ids=["hand-made", "one-point", "one-dominates"],
+)
+def test_pareto_front_max_on_hand_made_points(x, y, expected):
+    assert pareto_front_max(x, y) == expected
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: pareto_front([0.0, 1.0], [0.5]), "kl has 2 values but reward has 1"),
+        (lambda: pareto_front([0.0, float("nan")], [0.5, 0.6]), "point 1 is"),
+        (lambda: hypervolume([0.0], [1.0], float("inf"), 0.0), "reference point must be finite"),
+        (lambda: reward_at_matched_kl("a", [], "b", [(0.0, 1.0)]), "no points"),
+    ],
+    ids=["lengths", "nan", "reference", "empty"],
+)
+def test_bad_points_are_refused(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

@@ -17,7 +17,7 @@ import torch
 
 from tests.merge import scorers as soup_scorers
 from warpkit.cli import main
-from warpkit.frontier_scorer import frontier_scorer
+from warpkit.frontier.scorer import frontier_scorer
 from warpkit.merge.soups import SOUP_RECORD, check_reward_model, uniform_soup, warm
 from warpkit.testing import build_tiny_frontier_models, load_state
 
@@ -122,8 +122,9 @@ def test_cli_greedy_soup_scored_by_a_frontier_evaluation(frontier_models, tmp_pa
     """bias-2 and bias-6 differ only in a logit bias on ten positive words, so their soup is bias-4 exactly.
     Score = positive-token fraction - 0.04 KL; measured: bias-2 0.000 - 0.04 x 0.015, bias-6 0.104 - 0.04 x
     4.5, bias-4 0.021 - 0.04 x 0.35: the soup beats both and is kept (the trade-off, not luck)."""
-    from warpkit.frontier_config import PolicySpec, load_frontier_config
-    from warpkit.frontier_run import run_frontier
+    from warpkit.frontier.config import load_frontier_config
+    from warpkit.frontier.policies import PolicySpec
+    from warpkit.frontier.run import run_frontier
 
     score_config = tmp_path / "score.yaml"
     score_config.write_text(
@@ -182,14 +183,14 @@ def test_cli_greedy_soup_scored_by_a_frontier_evaluation(frontier_models, tmp_pa
 
 
 def test_frontier_scorer_objective_and_cache(frontier_models, monkeypatch):
-    from warpkit import frontier_run
-    from warpkit.frontier_config import FrontierConfig
+    from warpkit.frontier import scorer
+    from warpkit.frontier.config import FrontierConfig
 
     config = FrontierConfig(reference=str(frontier_models / "sft"), prompts=PROMPTS[:2], samples_per_prompt=1,
                             max_new_tokens=4, device="cpu")  # fmt: skip
     calls = []
-    real = frontier_run.run_frontier
-    monkeypatch.setattr(frontier_run, "run_frontier", lambda c, **kw: calls.append(c) or real(c, **kw))
+    real = scorer.run_frontier
+    monkeypatch.setattr(scorer, "run_frontier", lambda c, **kw: calls.append(c) or real(c, **kw))
     plain, penalised = frontier_scorer(config), frontier_scorer(config, kl_coef=0.5)
     folder = frontier_models / "bias-6"
     value = plain(folder)
@@ -259,8 +260,9 @@ def test_warm_folder_is_the_reward_of_a_frontier(warm_folder, frontier_models):
     """`reward: <warm folder>`: the rewards are the WARM model's scores of prompt + completion."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from warpkit.frontier_config import FrontierConfig, PolicySpec
-    from warpkit.frontier_run import run_frontier
+    from warpkit.frontier.config import FrontierConfig
+    from warpkit.frontier.policies import PolicySpec
+    from warpkit.frontier.run import run_frontier
 
     config = FrontierConfig(
         reference=str(frontier_models / "sft"),

@@ -21,6 +21,7 @@ __all__ = ["DRIVER_RL_FIELDS", "ENGINE_MERGE_KWARGS", "WarpConfig", "load_config
 DRIVER_RL_FIELDS = ("model_name_or_path", "output_dir", "data_seed")
 # Engine settings that `merge_kwargs` may carry besides the method's own parameters.
 ENGINE_MERGE_KWARGS = ("compute_dtype", "dtype", "max_shard_size")
+_EXTRAPOLATE = "set allow_extrapolation: true (YAML) or --allow_extrapolation true"
 
 
 @dataclass
@@ -91,8 +92,8 @@ class WarpConfig:
             raise ConfigError(f"num_policies={self.num_policies}: M must be at least 1 (the paper uses 2).")
         if self.num_processes < 1:
             raise ConfigError(f"num_processes={self.num_processes} must be >= 1.")
-        check_eta(self.liti_eta, self.allow_extrapolation)
-        check_eta(self.front_etas, self.allow_extrapolation, name="front_etas")
+        check_eta(self.liti_eta, self.allow_extrapolation, fix=_EXTRAPOLATE)
+        check_eta(self.front_etas, self.allow_extrapolation, name="front_etas", fix=_EXTRAPOLATE)
         if self.frontier is not None and {"reference", "policies"} & set(self.frontier):
             raise ConfigError(
                 "frontier.reference and frontier.policies are filled by the driver; remove them."

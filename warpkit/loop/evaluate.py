@@ -88,8 +88,7 @@ def evaluate_frontier(
     step = Step("frontier", fingerprint([document, merges, baselines]), [out / "frontier"])
 
     def evaluate() -> None:
-        from warpkit.frontier_config import load_frontier_config  # INTEGRATE: warpkit.frontier
-        from warpkit.frontier_run import run_frontier, write_frontier
+        from warpkit.frontier import load_frontier_config, run_frontier, write_frontier
 
         path = out / "frontier.yaml"
         path.write_text(yaml.safe_dump(document, sort_keys=False))

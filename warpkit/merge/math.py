@@ -242,23 +242,30 @@ def lerp(
     return _merge(init, models, lambda g, n: lerp_coefficients(g, w, n), granularity, dtype, compute_dtype)
 
 
-def check_eta(eta: float | Sequence[float], allow_extrapolation: bool, name: str | None = None) -> None:
-    """LITI's η (one value, or a list of them): finite, >= 0, and <= 1 unless extrapolation is allowed.
+def check_eta(
+    eta: float | Sequence[float],
+    allow_extrapolation: bool,
+    *,
+    name: str = "liti_eta",
+    fix: str = "pass allow_extrapolation=True (CLI: --allow-extrapolation)",
+) -> None:
+    """LITI's η: finite, >= 0, and <= 1 unless extrapolating (η > 1, as ExPO) is allowed explicitly.
 
-    One check for every η a user gives (merge, WARP config, frontier sweeps), with one message. η > 1
-    extrapolates past the merge (as in ExPO) and needs `allow_extrapolation`; η < 0 is never allowed.
+    One value (`name` = `liti_eta`: "liti_eta=2.0 is outside [0, 1] ...") or a list of them (e.g. a
+    frontier's `liti.etas`: "liti.etas [1.5] are outside [0, 1] ...", every bad value listed); `fix` says
+    how to allow extrapolation where the value was given (a keyword, a CLI flag, a YAML field).
     """
-    values = [eta] if isinstance(eta, (int, float)) else list(eta)
-    bad = [e for e in values if not math.isfinite(e) or e < 0 or (e > 1 and not allow_extrapolation)]
-    if not bad:
-        return
-    shown = f"{name or 'liti_eta'}={eta}" if isinstance(eta, (int, float)) else f"{name or 'etas'} {bad}"
-    verb = "is" if isinstance(eta, (int, float)) else "are"
-    raise ValueError(
-        f"{shown} {verb} outside [0, 1]. eta > 1 extrapolates past the merge (as in ExPO): set "
-        "allow_extrapolation (YAML `allow_extrapolation: true`, CLI --allow-extrapolation, Python "
-        "allow_extrapolation=True) if that is what you want; eta < 0 and non-finite values are never allowed."
-    )
+    many = isinstance(eta, Sequence)
+    if not many and not math.isfinite(eta):
+        raise ValueError(f"{name} must be finite, got {eta}.")
+    values = list(eta) if many else [eta]
+    bad = [e for e in values if not (math.isfinite(e) and e >= 0 and (e <= 1 or allow_extrapolation))]
+    if bad:
+        subject = f"{name} {bad} are" if many else f"{name}={eta} is"
+        raise ValueError(
+            f"{subject} outside [0, 1]. eta > 1 extrapolates past the merge (as in ExPO); {fix} if that is "
+            "what you want."
+        )
 
 
 def liti(

@@ -1,4 +1,9 @@
-"""Temporary home of the frontier scorer (moves into the frontier package)."""
+"""A greedy-soup scorer from a frontier evaluation: `folder -> reward_mean - kl_coef * KL_mean`.
+
+`warpkit.merge.soups.greedy_soup` takes any `folder -> float`; this one runs `run_frontier` on the folder
+with a config's reference, reward, prompts and sampling settings. The merge package never imports it:
+`warpkit merge --score-config` builds it in the CLI.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from warpkit.frontier_config import FrontierConfig
+from warpkit.frontier.config import FrontierConfig, load_frontier_config
+from warpkit.frontier.policies import PolicySpec
+from warpkit.frontier.run import run_frontier
 
 __all__ = ["FrontierScorer", "frontier_scorer"]
 
@@ -48,9 +55,6 @@ class FrontierScorer:
         return float(row["reward_mean"]) - self.kl_coef * float(row[f"{self.config.front_kl}_mean"])
 
     def __call__(self, folder: str | Path) -> float:
-        from warpkit.frontier_config import PolicySpec
-        from warpkit.frontier_run import run_frontier
-
         folder = Path(folder).resolve()
         if not folder.is_dir():
             raise ValueError(f"cannot score {folder}: not a folder.")
@@ -86,8 +90,6 @@ def frontier_scorer(
     Example: `greedy_soup(runs, frontier_scorer("frontier.yaml", kl_coef=0.1), "soup")` keeps a run only
     if the soup's mean reward minus 0.1 x its KL to the reference (nats per completion) improves.
     """
-    from warpkit.frontier_config import FrontierConfig, load_frontier_config
-
     if not isinstance(config, FrontierConfig):
         config = load_frontier_config(config)
     return FrontierScorer(config, kl_coef=kl_coef, progress=progress)

@@ -17,29 +17,19 @@ config of the checkpoint (top_k=50, repetition penalty...) can silently change t
 and every policy sees the same random numbers (common random numbers: differences between policies are
 less noisy). Log-probs are then recomputed teacher-forced for the policy and the reference in one pass each.
 
-Standard errors are for the mean over the fixed prompt set: with k >= 2 samples per prompt,
-se^2 = sum_x s_x^2 / (k P^2) (within-prompt variances s_x^2); with k = 1, the i.i.d. formula s / sqrt(n)
-(conservative: it also counts between-prompt spread).
+Means and standard errors over the fixed prompt set are `warpkit.frontier.stats.mean_stderr`.
 """
 
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-__all__ = [
-    "PolicySamples",
-    "distinct_n",
-    "evaluate_policy",
-    "mean_stderr",
-    "sample_completions",
-    "score_completions",
-]
+__all__ = ["PolicySamples", "evaluate_policy", "sample_completions", "score_completions"]
 
 
 @dataclass
@@ -237,52 +227,3 @@ def evaluate_policy(
         if progress is not None:
             progress(len(chunk))
     return result
-
-
-# ----------------------------------------------------------------------------- statistics
-
-
-def mean_stderr(values: Sequence[float], prompt_index: Sequence[int]) -> tuple[float, float]:
-    """(mean, standard error) of per-sample values; NaN values (skipped rewards) are left out.
-
-    With n_x >= 2 values for every prompt x: the mean over the P prompts of the per-prompt means, and
-    se^2 = sum_x s_x^2 / n_x / P^2 (the prompt set is fixed, only the sampling is random). Otherwise (some
-    prompt has a single value, e.g. one sample per prompt): the plain mean of all n values and the i.i.d.
-    s / sqrt(n), which also counts the spread between prompts (conservative). With equal n_x both means
-    are the same number.
-    """
-    groups: dict[int, list[float]] = {}
-    for v, i in zip(values, prompt_index, strict=True):
-        if not math.isnan(v):
-            groups.setdefault(i, []).append(float(v))
-    flat = [v for g in groups.values() for v in g]
-    if not flat:
-        return math.nan, math.nan
-    mean = sum(sum(g) / len(g) for g in groups.values()) / len(groups)
-
-    def var(xs: list[float]) -> float:
-        m = sum(xs) / len(xs)
-        return sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
-
-    if all(len(g) >= 2 for g in groups.values()):
-        se2 = sum(var(g) / len(g) for g in groups.values()) / len(groups) ** 2
-        return mean, math.sqrt(se2)
-    if len(flat) < 2:
-        return mean, math.nan
-    return sum(flat) / len(flat), math.sqrt(var(flat) / len(flat))
-
-
-def distinct_n(completions: Sequence[Sequence[int]], n: int, eos_token_id: int | None = None) -> float:
-    """Distinct-n diversity: unique n-grams / all n-grams over the completions (token ids, EOS dropped).
-
-    1.0 when no n-gram repeats; near 0 for a collapsed policy. n-grams never cross two completions.
-    NaN when no completion has n tokens. Compare it only between runs with the same number of samples.
-    """
-    seen: set[tuple[int, ...]] = set()
-    total = 0
-    for c in completions:
-        toks = [t for t in c if t != eos_token_id]
-        grams = [tuple(toks[i : i + n]) for i in range(len(toks) - n + 1)]
-        total += len(grams)
-        seen.update(grams)
-    return len(seen) / total if total else math.nan

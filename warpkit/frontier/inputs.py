@@ -1,0 +1,261 @@
+"""Inputs of the frontier, loaded and checked: models, tokenizers and prompts (rewards: `rewards`).
+
+Every check here runs before the first sample is drawn, and every error names the offending value and
+the fix: a missing folder, pickled weights, a vocabulary or tokenizer that differs from the reference
+(the KL is then undefined), soup models of different shapes, a prompt longer than the context.
+`prepare_inputs` runs them all and returns what sampling needs (`FrontierInputs`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from warpkit._util.tensors import check_same_tensors
+from warpkit.frontier.config import FrontierConfig
+from warpkit.frontier.policies import SoupSweep
+from warpkit.workloads import DEFAULT_MODEL, TINY_MODEL, load_prompt_dataset, resolve_model_path
+
+__all__ = [
+    "MODEL_ALIASES",
+    "FrontierInputs",
+    "check_compatible",
+    "check_folder",
+    "check_soup_tensors",
+    "context_length",
+    "encode_prompt",
+    "load_model",
+    "load_prompts",
+    "prepare_inputs",
+    "resolve_device",
+    "resolve_model_names",
+]
+
+logger = logging.getLogger(__name__)
+
+MODEL_ALIASES = ("default",)  # the frontier's historical name of `warpkit:default`
+
+
+@dataclass
+class FrontierInputs:
+    """What every point is evaluated on, once checked.
+
+    ``prompts`` are the kept prompts (text or chat messages) and ``encoded`` their token ids;
+    ``prompts_too_long`` the ``(index, length)`` of prompts left out (``on_long_prompt: skip``);
+    ``context`` the smallest context of all the models (None when no config states one).
+    """
+
+    reference_dir: str
+    tokenizer: Any
+    eos_token_id: int | None
+    pad_token_id: int
+    device: torch.device
+    context: int | None
+    prompts: list[Any]
+    encoded: list[list[int]]
+    prompts_too_long: list[tuple[int, int]]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; anything else is passed to `torch.device`."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_model_names(config: FrontierConfig) -> None:
+    """Replace model names (``default``, ``warpkit:default``, ``warpkit:tiny``) by their folders, in place,
+    in reference, path, liti.init and soup.models; folders are left as written (`check_folder` names them)."""
+
+    def resolve(name: str) -> str:
+        if name in (DEFAULT_MODEL, TINY_MODEL, *MODEL_ALIASES):
+            return resolve_model_path(name, aliases=MODEL_ALIASES)
+        return name
+
+    config.reference = resolve(config.reference)
+    for p in config.policies:
+        p.path = None if p.path is None else resolve(p.path)
+        if p.liti is not None:
+            p.liti.init = resolve(p.liti.init)
+        if p.soup is not None:
+            p.soup.models = [resolve(m) for m in p.soup.models]
+
+
+def check_folder(path: str, what: str, allow_pickle: bool) -> None:
+    """Refuse a folder without config.json, or with pickled weights only unless ``allow_pickle``."""
+    folder = Path(path)
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        raise ValueError(
+            f"{what} {path!r} is a PEFT adapter, not a full model: merge it into its base first "
+            "(`PeftModel.from_pretrained(base, path).merge_and_unload().save_pretrained(out)`) and evaluate out."
+        )
+    if not (folder / "config.json").is_file():
+        raise ValueError(
+            f"{what} {path!r} is not a model folder (no config.json). Check the path in the config."
+        )
+    if not any(folder.glob("*.safetensors")) and not allow_pickle:
+        found = sorted(p.name for p in folder.glob("*.bin"))
+        raise ValueError(
+            f"{what} {path!r} has no .safetensors weights{f' (found {found})' if found else ''}. Pickled "
+            "checkpoints can run code when loaded: convert them to safetensors, or set allow_pickle: true."
+        )
+
+
+def load_model(path: str, config: FrontierConfig, device: torch.device) -> torch.nn.Module:
+    """A causal LM in eval mode on ``device``: safetensors only (unless allow_pickle), no remote code."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=getattr(torch, config.dtype),
+        use_safetensors=None if config.allow_pickle else True,
+        trust_remote_code=False,
+    )
+    return model.to(device).eval()
+
+
+def context_length(model_config: Any) -> int | None:
+    """The model's maximum number of positions (prompt + completion), or None when the config has none."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(model_config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_compatible(reference_dir: str, reference_tokenizer: Any, path: str, what: str) -> None:
+    """Refuse a policy whose vocabulary size or tokenizer (when its folder has one) differs from the reference.
+
+    KL between two models is only defined over a shared token space: the same ids must mean the same text.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    ref_vocab = AutoConfig.from_pretrained(reference_dir).vocab_size
+    vocab = AutoConfig.from_pretrained(path).vocab_size
+    if vocab != ref_vocab:
+        raise ValueError(
+            f"{what} {path!r} has vocab_size {vocab} but the reference has {ref_vocab}: the KL between them is "
+            "undefined. Evaluate policies fine-tuned from this reference (same tokenizer), or change reference."
+        )
+    folder = Path(path)
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return  # a bare checkpoint: the vocabulary size check above is all we can do
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    a, b = reference_tokenizer.get_vocab(), tokenizer.get_vocab()
+    if a != b:
+        diff = sorted(set(a.items()) ^ set(b.items()), key=lambda kv: kv[1])[:5]
+        raise ValueError(
+            f"{what} {path!r} has a different tokenizer vocabulary from the reference ({len(b)} vs {len(a)} "
+            f"tokens; first differences {diff}). Its token ids do not mean the same text, so the KL is undefined."
+        )
+    for attr in ("eos_token_id", "pad_token_id"):
+        if (
+            getattr(tokenizer, attr) != getattr(reference_tokenizer, attr)
+            and getattr(tokenizer, attr) is not None
+        ):
+            raise ValueError(
+                f"{what} {path!r} has {attr}={getattr(tokenizer, attr)} but the reference has "
+                f"{getattr(reference_tokenizer, attr)}; completions would stop at different tokens."
+            )
+
+
+def check_soup_tensors(name: str, soup: SoupSweep) -> None:
+    """Refuse soup models whose tensors differ in names or shapes, from the safetensors headers alone.
+
+    Folders with pickled weights only (allow_pickle) are checked later, when their state dicts load.
+    """
+    from warpkit.merge.checkpoint import Checkpoint
+
+    if not all(any(Path(m).glob("*.safetensors")) for m in soup.models):
+        return
+    first = {n: t.shape for n, t in Checkpoint(soup.models[0]).tensors.items()}
+    for i, path in enumerate(soup.models[1:], start=1):
+        check_same_tensors(
+            first,
+            {n: t.shape for n, t in Checkpoint(path).tensors.items()},
+            f"policy {name!r}: soup.models[{i}] {path!r}",
+            f"soup.models[0] {soup.models[0]!r}",
+            fix="A rewarded soup averages the weights of policies fine-tuned from one init, so they need the "
+            "same architecture and shapes: list only policies fine-tuned from the same base model.",
+        )
+
+
+def load_prompts(config: FrontierConfig) -> list[Any]:
+    """The first ``num_prompts`` prompts (strings, or lists of chat messages) named by ``config.prompts``."""
+    split = str(config.prompts_kwargs.get("split", "eval"))
+    dataset = load_prompt_dataset(config.prompts, split=split, kwargs=config.prompts_kwargs)
+    if config.num_prompts is not None and config.num_prompts < len(dataset):
+        dataset = dataset.select(range(config.num_prompts))
+    return list(dataset["prompt"])
+
+
+def encode_prompt(prompt: Any, tokenizer: Any) -> list[int]:
+    """Token ids of a plain-text prompt, or of a chat prompt rendered with the generation prompt."""
+    if isinstance(prompt, list):  # conversational: the chat template with the generation prompt, as TRL does
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt)["input_ids"]
+
+
+# ----------------------------------------------------------------------------- all checks, in order
+
+
+def prepare_inputs(config: FrontierConfig) -> FrontierInputs:
+    """Resolve model names, check every folder and the prompts against every context, encode the prompts.
+
+    Model names in ``config`` are replaced by their folders (in place). Nothing is sampled.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    device = resolve_device(config.device)
+    resolve_model_names(config)
+    reference_dir = config.reference
+    check_folder(reference_dir, "reference", config.allow_pickle)
+    tokenizer = AutoTokenizer.from_pretrained(reference_dir, trust_remote_code=False)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    pad = eos if pad is None else pad
+    if pad is None:
+        raise ValueError(f"the reference tokenizer at {reference_dir!r} has neither a pad nor an EOS token.")
+    folders = [f for spec in config.policies for f in spec.folders()]
+    for path, what in folders:
+        check_folder(path, what, config.allow_pickle)
+        check_compatible(reference_dir, tokenizer, path, what)
+    for spec in config.policies:
+        if spec.soup is not None:
+            check_soup_tensors(spec.name, spec.soup)
+    contexts = [
+        context_length(AutoConfig.from_pretrained(p)) for p in [reference_dir, *(f for f, _ in folders)]
+    ]
+    context = min((c for c in contexts if c), default=None)
+    prompts, encoded, too_long = _fit_prompts(config, tokenizer, context)
+    return FrontierInputs(reference_dir, tokenizer, eos, pad, device, context, prompts, encoded, too_long)
+
+
+def _fit_prompts(
+    config: FrontierConfig, tokenizer: Any, context: int | None
+) -> tuple[list[Any], list[list[int]], list[tuple[int, int]]]:
+    """(prompts, their token ids, (index, length) of those left out) under ``on_long_prompt``."""
+    prompts = load_prompts(config)
+    encoded = [encode_prompt(p, tokenizer) for p in prompts]
+    too_long = [
+        (i, len(e)) for i, e in enumerate(encoded) if context and len(e) + config.max_new_tokens > context
+    ]
+    if too_long and config.on_long_prompt == "error":
+        raise ValueError(
+            f"{len(too_long)} prompt(s) do not fit the context of {context} tokens with max_new_tokens="
+            f"{config.max_new_tokens} (prompt index, length): {too_long[:5]}. Shorten them, lower max_new_tokens, "
+            "or set on_long_prompt: skip to leave them out (they are reported)."
+        )
+    if too_long:
+        logger.warning("skipping %d prompt(s) longer than the context: %s", len(too_long), too_long[:5])
+    long_ids = {i for i, _ in too_long}
+    kept = [i for i in range(len(prompts)) if i not in long_ids]
+    if not kept:
+        raise ValueError(
+            f"every prompt is longer than the context ({context} tokens) allows; nothing to evaluate."
+        )
+    return [prompts[i] for i in kept], [encoded[i] for i in kept], too_long
