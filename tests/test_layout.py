@@ -44,6 +44,13 @@ METHOD_NAME_USES = {
     ("merge/folders.py", "lerp"): "LITI is the LERP of the single model merged (its implementation)",
     ("loop/config.py", "slerp"): "the default merge_method of a WARP config (the paper's)",
     ("cli.py", "slerp"): "the default --method (the paper's)",
+    # Other concepts that share a word with a method:
+    **{(f, "linear"): "a plot axis scale (plot_xscale)" for f in ("frontier/config.py", "frontier/plot.py")},
+    **{
+        (f, "soup"): "the frontier's rewarded-soup policy kind (a weight sweep), not the merge method"
+        for f in ("frontier/plot.py", "frontier/policies.py")
+    },
+    ("frontier/scorer.py", "soup"): "the frontier method label of a greedy-soup candidate",
 }
 
 
