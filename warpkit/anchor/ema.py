@@ -21,6 +21,7 @@ from torch import Tensor
 
 __all__ = [
     "LoraFactors",
+    "copy_distinct_",
     "ema_update_",
     "lora_delta_",
     "lora_ema_update_",
@@ -30,6 +31,15 @@ __all__ = [
 
 LoraFactors = tuple[Tensor, Tensor, float]
 """One LoRA layer's policy delta as (B, A, s): B is out x r, A is r x in, s = lora_alpha / r; delta = s B @ A."""
+
+
+def copy_distinct_(targets: list[Tensor], sources: list[Tensor]) -> None:
+    """targets_i <- sources_i (cast on copy) in one foreach call, skipping pairs that are the same tensor
+    (no shadow: the EMA state is the target itself)."""
+    pairs = [(t, s) for t, s in zip(targets, sources, strict=True) if t is not s]
+    if pairs:
+        torch._foreach_copy_([t for t, _ in pairs], [s for _, s in pairs])
+
 
 _CHUNK_NUMEL = 1 << 20  # 4 MB of fp32 scratch: stays in cache, large enough for multithreaded kernels
 _BUCKET_NUMEL = 1 << 25  # 128 MB of fp32 scratch per bucket on accelerators
@@ -58,9 +68,7 @@ def ema_update_(
     mixed = [i for i in range(len(anchor)) if anchor[i].dtype != policy[i].dtype]
     if same:
         torch._foreach_lerp_([anchor[i] for i in same], [policy[i] for i in same], ema_rate)
-        copies = [i for i in same if out[i] is not anchor[i]]
-        if copies:
-            torch._foreach_copy_([out[i] for i in copies], [anchor[i] for i in copies])
+        copy_distinct_([out[i] for i in same], [anchor[i] for i in same])
     if not mixed:
         return
     if anchor[mixed[0]].device.type == "cpu":
@@ -101,9 +109,7 @@ def _mixed_bucketed_(anchor: list[Tensor], policy: list[Tensor], out: list[Tenso
             offset += p.numel()
         torch._foreach_copy_(views, policy[start:stop])
         torch._foreach_lerp_(anchor[start:stop], views, ema_rate)
-        pairs = [(o, a) for o, a in zip(out[start:stop], anchor[start:stop], strict=True) if o is not a]
-        if pairs:
-            torch._foreach_copy_([o for o, _ in pairs], [a for _, a in pairs])
+        copy_distinct_(out[start:stop], anchor[start:stop])
         start = stop
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from warpkit._util.tensors import check_same_tensors
-from warpkit.anchor.ema import ema_update_, squared_distance_and_norm
+from warpkit.anchor.ema import copy_distinct_, ema_update_, squared_distance_and_norm
 
 __all__ = ["FullLayout", "Layout", "TensorLayout", "Zero3Layout", "fp32_state", "full_layout", "unwrap"]
 
@@ -127,9 +127,7 @@ class TensorLayout(Layout):
         return squared_distance_and_norm(self.state, self.sources)
 
     def write_targets(self) -> None:
-        pairs = [(t, s) for t, s in zip(self.targets, self.state, strict=True) if t is not s]
-        if pairs:
-            torch._foreach_copy_([t for t, _ in pairs], [s for _, s in pairs])
+        copy_distinct_(self.targets, self.state)
         self.after_targets_changed()
 
     def after_targets_changed(self) -> None:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from warpkit.anchor.ema import (
     LoraFactors,
+    copy_distinct_,
     lora_delta_,
     lora_ema_update_,
     lora_squared_distance_and_norm,
@@ -170,9 +171,7 @@ class LoraExactLayout(Layout):
         return lora_squared_distance_and_norm(self.state, self.factors)
 
     def write_targets(self) -> None:
-        pairs = [(t, s) for t, s in zip(self.dense, self.state, strict=True) if t is not s]
-        if pairs:
-            torch._foreach_copy_([t for t, _ in pairs], [s for _, s in pairs])
+        copy_distinct_(self.dense, self.state)
 
     def release(self) -> None:
         for hook in self.hooks:
