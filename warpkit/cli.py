@@ -16,7 +16,16 @@ from typing import Any
 
 from warpkit.merge.methods import ENGINE_OPTIONS, INIT_OPTIONS, METHODS, Param, all_params, spell
 
-__all__ = ["MERGE_KEYS", "build_parser", "main", "merge_plan"]
+__all__ = ["MERGE_KEYS", "CommandError", "build_parser", "main", "merge_plan"]
+
+
+class CommandError(SystemExit):
+    """A user error found by a subcommand: `main` prints its one line on stderr and the exit code is 2."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.code = 2
+
 
 # The keys of a `warpkit merge --config` YAML recipe (same names as the flags, with underscores).
 MERGE_KEYS = ("method", "init", "models", "out", *(p.name for p in (*ENGINE_OPTIONS, *all_params())))
@@ -165,7 +174,9 @@ def _merge_settings(args: argparse.Namespace) -> dict[str, Any]:
     settings = load_yaml_mapping(args.config, "merge recipe") if args.config else {}
     unknown = sorted(set(settings) - set(MERGE_KEYS))
     if unknown:
-        raise SystemExit(f"warpkit merge: unknown keys {unknown} in {args.config}; known: {list(MERGE_KEYS)}")
+        raise CommandError(
+            f"warpkit merge: unknown keys {unknown} in {args.config}; known: {list(MERGE_KEYS)}"
+        )
     settings.update({k: getattr(args, k) for k in MERGE_KEYS if getattr(args, k) is not None})
     return settings
 
@@ -178,11 +189,11 @@ def _split_settings(settings: dict[str, Any]) -> tuple[Any, dict[str, Any], dict
     required = ("models", "out") if method.init == "none" else ("init", "models", "out")
     missing = [k for k in required if not settings.get(k)]
     if missing:
-        raise SystemExit(
+        raise CommandError(
             f"warpkit merge: missing {', '.join('--' + k for k in missing)} (flags or --config)."
         )
     if method.init == "none" and settings.get("init"):
-        raise SystemExit(
+        raise CommandError(
             f"warpkit merge: --method {method.name} takes no --init ({settings['init']}): it averages the models "
             "themselves and the first one supplies config and tokenizer. Drop --init, or list the model whose "
             "config and tokenizer you want first."
@@ -193,7 +204,7 @@ def _split_settings(settings: dict[str, Any]) -> tuple[Any, dict[str, Any], dict
         if method.init == "none" and settings.get(p.name) is not None
     ]
     if extra:
-        raise SystemExit(
+        raise CommandError(
             f"warpkit merge: {', '.join(extra)} do not apply to --method {method.name} (a plain average, with "
             "no init to interpolate towards); drop them."
         )
@@ -213,7 +224,7 @@ def merge_plan(args: argparse.Namespace) -> tuple[Any, dict[str, Any], dict[str,
             allow_extrapolation=bool(options.get("allow_extrapolation")), cli=True,
         )  # fmt: skip
     except ValueError as e:
-        raise SystemExit(f"warpkit merge: {e}") from e
+        raise CommandError(f"warpkit merge: {e}") from e
     return method, params, options
 
 
@@ -230,7 +241,7 @@ def _merge(args: argparse.Namespace) -> int:
         init, models, out = options.pop("init"), options.pop("models"), options.pop("out")
         report = merge_folders(method.name, init, models, out, **options, **common, **params)
     except (ValueError, TypeError) as e:
-        raise SystemExit(f"warpkit merge: {e}") from e
+        raise CommandError(f"warpkit merge: {e}") from e
     angles = [
         s.angles_deg[-1] for s in report.stats.values() if s.angles_deg and math.isfinite(s.angles_deg[-1])
     ]
@@ -316,6 +327,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.overrides = rest
     try:
         return args.run(args)
+    except CommandError as e:
+        print(str(e), file=sys.stderr)
+        raise
     except (ValueError, FileNotFoundError) as e:
         print(f"warpkit: error: {e}", file=sys.stderr)
         return 2

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from warpkit._util.files import sha256_file
-from warpkit.merge.checkpoint import Checkpoint
+from warpkit.merge.checkpoint import Checkpoint, check_weights
 from warpkit.merge.writer import ShardedWriter, parse_size
 
 
@@ -69,9 +69,17 @@ def test_broken_files_refused(tmp_path):
     save_file({"w": torch.ones(1000)}, tmp_path / "model.safetensors")
     data = (tmp_path / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data[:-100])
+    with pytest.raises(ValueError, match=r"truncated: its header describes 4\d+ bytes but the file has"):
+        Checkpoint(tmp_path)  # refused on open, from the header and the size alone
+    with pytest.raises(ValueError, match="truncated"):
+        check_weights(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(data)
     ckpt = Checkpoint(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(data[:-100])  # cut short after it was opened
     with pytest.raises(ValueError, match="truncated"):
         ckpt.raw_rows("w", 0, 1000)
+    ckpt.close()
+    (tmp_path / "model.safetensors").write_bytes(data)
     (tmp_path / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"w": "gone.safetensors"}})
     )

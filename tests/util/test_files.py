@@ -16,8 +16,10 @@ from warpkit._util.files import (
     atomic_file,
     file_lock,
     publish_dir,
+    remove_stale_temporaries,
     sha256_file,
     staged_files,
+    temp_prefix,
     tree_digest,
     write_atomic,
 )
@@ -124,3 +126,24 @@ def test_file_lock_is_released_when_the_holder_is_killed(tmp_path):
     start = time.monotonic()
     with file_lock(lock):
         assert time.monotonic() - start < 5
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+    """A temporary is tagged with its owner; only a dead owner's (on this machine) is removed."""
+    dead = subprocess.run(
+        [sys.executable, "-c", "from warpkit._util.files import temp_prefix; print(temp_prefix('out'))"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    (tmp_path / f"{dead}abc").mkdir()  # a merge killed mid-write
+    (tmp_path / f"{dead}abc" / "model.safetensors").write_bytes(b"half")
+    (tmp_path / f"{dead.replace('.out.', '.other.')}xyz").write_text("a file temporary")
+    mine = tmp_path / f"{temp_prefix('out')}live"  # this process's: still in use
+    mine.mkdir()
+    other_host = tmp_path / ".out.tmp-00000000-1-foreign"  # another machine on a shared file system
+    other_host.mkdir()
+    user = tmp_path / ".out.tmp-mine"  # not warpkit's (no owner tag)
+    user.mkdir()
+    assert remove_stale_temporaries(tmp_path, names={"out"}) == [tmp_path / f"{dead}abc"]
+    assert remove_stale_temporaries(tmp_path) == [tmp_path / f"{dead.replace('.out.', '.other.')}xyz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, other_host.name, user.name])
+    assert remove_stale_temporaries(tmp_path / "missing") == []

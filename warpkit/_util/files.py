@@ -2,8 +2,9 @@
 
 Every warpkit output (a merged model, a policy, a frontier, a manifest, an anchor state) is written under
 a temporary name in the folder that will hold it, then renamed: a rename within one file system is
-atomic, so a crash leaves either the old output, the new one, or a temporary named `.<name>.tmp-*` that
-no reader mistakes for a result.
+atomic, so a crash leaves either the old output, the new one, or a temporary that no reader mistakes for a
+result: `.<name>.tmp-<host>-<pid>-<random>`. The owner tag lets the next run remove what a dead process
+left (`remove_stale_temporaries`) without touching a temporary another live process is still writing.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
+import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 __all__ = [
@@ -22,13 +25,58 @@ __all__ = [
     "atomic_file",
     "file_lock",
     "publish_dir",
+    "remove_stale_temporaries",
     "sha256_file",
     "staged_files",
+    "temp_prefix",
     "tree_digest",
     "write_atomic",
 ]
 
-TMP_MARK = ".tmp-"  # every temporary warpkit writes has this in its name: `.<final name>.tmp-<random>`
+TMP_MARK = (
+    ".tmp-"  # every temporary warpkit writes has this in its name: `.<final name>.tmp-<owner>-<random>`
+)
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]  # which machine's pids the tag names
+_OWNED = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-")
+
+
+def temp_prefix(name: str) -> str:
+    """`.<name>.tmp-<host>-<pid>-`: the prefix of a temporary for output `name`, tagged with its owner."""
+    return f".{name}{TMP_MARK}{_HOST}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | Path, names: Collection[str] | None = None) -> list[Path]:
+    """Remove the temporaries in `folder` (of outputs `names`, or all) whose owner process on this machine is
+    gone: what a crash (kill -9, a full disk, a power cut) left behind. Returns what was removed.
+
+    Temporaries of a live process, of another machine (a shared file system), or not written by warpkit
+    (no owner tag) are left alone.
+    """
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for p in sorted(folder.iterdir()):
+        m = _OWNED.match(p.name)
+        if not m or m["host"] != _HOST or (names is not None and m["name"] not in names):
+            continue
+        if int(m["pid"]) == os.getpid() or _alive(int(m["pid"])):
+            continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(
+            missing_ok=True
+        )
+        removed.append(p)
+    return removed
 
 
 def publish_dir(tmp: str | Path, final: str | Path, *, overwrite: bool = False) -> Path:
@@ -50,7 +98,7 @@ def atomic_dir(final: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{TMP_MARK}", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(final.name), dir=final.parent))
     try:
         yield tmp
         publish_dir(tmp, final, overwrite=overwrite)
@@ -64,7 +112,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path` to write (e.g. with `save_file`); it replaces `path` on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+    tmp = path.with_name(f"{temp_prefix(path.name)}{os.urandom(4).hex()}")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -88,7 +136,7 @@ def staged_files(folder: str | Path) -> Iterator[Path]:
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}{TMP_MARK}", dir=folder))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(folder.name), dir=folder))
     try:
         yield tmp
         for p in sorted(tmp.iterdir()):

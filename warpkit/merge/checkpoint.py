@@ -21,7 +21,15 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DTYPES", "PICKLE_SUFFIXES", "Checkpoint", "LoraCheckpoint", "TensorInfo", "open_checkpoint"]
+__all__ = [
+    "DTYPES",
+    "PICKLE_SUFFIXES",
+    "Checkpoint",
+    "LoraCheckpoint",
+    "TensorInfo",
+    "check_weights",
+    "open_checkpoint",
+]
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -76,6 +84,28 @@ def _read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
+def _check_length(file: Path, header: dict, data_start: int) -> None:
+    """Refuse a file cut short (a crash or a full disk while it was written) before any of it is trusted."""
+    ends = [m["data_offsets"][1] for n, m in header.items() if n != "__metadata__"]
+    need, size = data_start + max(ends, default=0), file.stat().st_size
+    if need > size:
+        raise ValueError(
+            f"{file} is truncated: its header describes {need} bytes but the file has {size} (a crash or a full "
+            "disk while it was written?); write it again or restore it."
+        )
+
+
+def check_weights(folder: str | Path) -> None:
+    """Refuse a model (or adapter) folder whose safetensors files are unreadable or truncated, from their
+    headers and sizes alone (no tensor is read)."""
+    folder = Path(folder)
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        files = [folder / "adapter_model.safetensors"]
+        Checkpoint(folder, [f for f in files if f.exists()] or files).close()
+    else:
+        Checkpoint(folder).close()
+
+
 class _Files:
     """Positional reads (`pread`) of tensor rows into caller-owned buffers.
 
@@ -128,6 +158,7 @@ class Checkpoint:
         self.tensors: dict[str, TensorInfo] = {}
         for file in self.files:
             header, data_start = _read_header(file)
+            _check_length(file, header, data_start)
             for name, meta in header.items():
                 if name == "__metadata__":
                     continue

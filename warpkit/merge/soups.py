@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from warpkit._util.files import TMP_MARK, publish_dir
+from warpkit._util.files import publish_dir, temp_prefix
 from warpkit.merge.folders import merge_folders
 
 __all__ = [
@@ -210,7 +210,7 @@ def greedy_soup(
     first = paths[order[0]]
     result = SoupResult(out, [first], scores[order[0]], [(str(first), scores[order[0]], True)], scores)
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_MARK}", dir=out.parent))  # same filesystem: rename
+    work = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name), dir=out.parent))  # same filesystem: rename
     try:
         best_folder = _grow_soup(result, [paths[i] for i in order[1:]], score, work, merge_kwargs)
         record = {
