@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from warpkit.loop.launch import RunFailedError
 from warpkit.merge.methods import ENGINE_OPTIONS, INIT_OPTIONS, METHODS, Param, all_params, spell
 
 __all__ = ["MERGE_KEYS", "CommandError", "build_parser", "main", "merge_plan"]
@@ -333,6 +334,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"warpkit: error: {e}", file=sys.stderr)
         return 2
+    except RunFailedError as e:  # a run's own error, with its log's tail: not a user-input error
+        print(f"warpkit: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

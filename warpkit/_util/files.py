@@ -21,9 +21,11 @@ from pathlib import Path
 
 __all__ = [
     "TMP_MARK",
+    "OutputLocked",
     "atomic_dir",
     "atomic_file",
     "file_lock",
+    "hold_lock",
     "publish_dir",
     "remove_stale_temporaries",
     "sha256_file",
@@ -181,3 +183,40 @@ def file_lock(path: str | Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class OutputLocked(ValueError):
+    """Another live process holds the lock of an output folder."""
+
+
+@contextlib.contextmanager
+def hold_lock(path: str | Path, what: str) -> Iterator[None]:
+    """Hold the exclusive lock `path` for the block, or refuse at once (`OutputLocked`) naming its holder.
+
+    The holder (pid, host, start time, command) is written into the lock file for the next one to read. The
+    OS releases an `flock` when its holder dies, so a kill -9 never leaves `what` locked.
+    """
+    import fcntl
+    import sys
+    import time
+
+    path = Path(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise OutputLocked(
+            f"{what} is in use by {holder}; wait for it to finish (or stop it), or choose another folder."
+        ) from None
+    try:
+        info = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')} "
+        info += f"({' '.join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:300]})"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info.encode(), 0)
+        yield
+    finally:
+        os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)

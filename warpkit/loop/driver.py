@@ -9,6 +9,7 @@ the same is skipped, anything else is redone, so re-running the same command res
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -21,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from warpkit._util.files import tree_digest, write_atomic
+from warpkit._util.files import hold_lock, remove_stale_temporaries, tree_digest, write_atomic
 from warpkit.loop.config import WarpConfig, load_config
 from warpkit.loop.evaluate import baseline_specs, evaluate_frontier
 from warpkit.loop.launch import (
@@ -34,6 +35,7 @@ from warpkit.loop.launch import (
     visible_gpus,
 )
 from warpkit.loop.manifest import MANIFEST_NAME, Manifest, Step, fingerprint
+from warpkit.loop.preflight import LOCK_NAME, check_init, check_output_dir, preflight
 from warpkit.merge.folders import liti_folder, merge_folders
 from warpkit.workloads import resolve_model_path
 
@@ -82,10 +84,28 @@ def run_warp(
     `front/eta_X/` when `front_etas` is set, `baselines/<name>/`, `frontier/`, and `warp_manifest.json`.
     """
     out = Path(config.output_dir).resolve()
-    sft = Path(resolve_model_path(config.model_name_or_path))
-    if validate is not None:
-        validate(config)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out)
+    with contextlib.ExitStack() as stack:
+        locked = out.is_dir()
+        if locked:  # a second driver on the same output_dir is refused at once, before any check
+            stack.enter_context(hold_lock(out / LOCK_NAME, f"output_dir {out}"))
+        sft = Path(resolve_model_path(config.model_name_or_path))
+        check_init(sft)
+        if validate is not None:
+            validate(config)
+        out.mkdir(parents=True, exist_ok=True)
+        if not locked:  # a new folder: nothing written before every check passed
+            stack.enter_context(hold_lock(out / LOCK_NAME, f"output_dir {out}"))
+        return _run_locked(config, out, sft, train_fn, merge_fn)
+
+
+def _run_locked(
+    config: WarpConfig, out: Path, sft: Path, train_fn: TrainFn | None, merge_fn: MergeFn | None
+) -> Path:
+    """Algorithm 1 in `out`, which this process holds locked: stale temporaries first, then every step."""
+    for folder in [out, *(p for p in out.rglob("*") if p.is_dir())]:
+        for stale in remove_stale_temporaries(folder):
+            log.info("removed %s, left by an interrupted run", stale)
     write_atomic(out / "warp_config.yaml", yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
     loop = _Loop(
         config, out, sft, fingerprint(tree_digest(sft)), Manifest(out / MANIFEST_NAME),
@@ -211,21 +231,8 @@ def _report(loop: _Loop, init: Path) -> None:
 
 
 def validate_rl_section(config: WarpConfig) -> None:
-    """Parse every run's rl fields exactly as the run will, so a bad field fails before any training starts."""
-    import tempfile
-
-    from warpkit.loop.rl import check_settings
-
-    sections = [("rl", config.rl)] + [
-        (f"baselines[{s.name}].rl", s.rl) for s in baseline_specs(config, Path("."), Path("."))
-    ]
-    with tempfile.TemporaryDirectory() as tmp:  # a scratch output_dir: TrainingArguments may touch it
-        for section, rl in sections:
-            run = {**rl, "model_name_or_path": config.model_name_or_path, "output_dir": tmp, "data_seed": 0}
-            try:
-                check_settings(run)
-            except (ValueError, SystemExit) as e:
-                raise ValueError(f"invalid {section}: {e}") from e
+    """Everything the config names, checked before the first run (`warpkit.loop.preflight.preflight`)."""
+    preflight(config)
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

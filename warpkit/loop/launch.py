@@ -11,9 +11,11 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import re
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from warpkit.loop.rl import POLICY_DIRNAME
 
 __all__ = [
     "FINGERPRINT_NAME",
+    "RunFailedError",
     "RunSpec",
     "TrainFn",
     "accelerate_launcher",
@@ -74,6 +77,20 @@ class RunSpec:
 TrainFn = Callable[[RunSpec, "dict[str, str]"], None]
 
 
+class RunFailedError(RuntimeError):
+    """An RL run ended with an error: the message names the run, the cause, the log and its last lines."""
+
+
+def failure_message(key: str, returncode: int, log_path: Path, lines: int = 25) -> str:
+    """`<run> failed (exit N): <the last error line of its log>` then the log's path and its last lines."""
+    tail = log_path.read_text(errors="replace").splitlines()[-200:] if log_path.is_file() else []
+    errors = [line.strip() for line in tail if re.match(r"^\s*\w*(Error|Exception)\b", line.strip())]
+    cause = errors[-1] if errors else "no error line in the log"
+    return f"{key} failed (exit {returncode}): {cause}\nlog: {log_path}, last lines:\n" + "\n".join(
+        tail[-lines:]
+    )
+
+
 def gpu_slots(n_gpus: int, gpus_per_run: int) -> list[list[int]]:
     """Disjoint GPU sets for runs side by side: 8 GPUs, 2 per run -> [[0, 1], [2, 3], [4, 5], [6, 7]].
 
@@ -116,10 +133,7 @@ def accelerate_launcher(accelerate_config: str | None, num_processes: int) -> Tr
         with open(log_path, "ab") as out:
             proc = subprocess.run(cmd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
         if proc.returncode != 0:
-            tail = log_path.read_text(errors="replace").splitlines()[-25:]
-            raise RuntimeError(
-                f"{spec.key} failed (exit {proc.returncode}); last lines of {log_path}:\n" + "\n".join(tail)
-            )
+            raise RunFailedError(failure_message(spec.key, proc.returncode, log_path))
 
     return train
 
@@ -155,17 +169,25 @@ def train_runs(
 ) -> None:
     """Train each (spec, step) the manifest does not vouch for, at most one per slot at a time (a slot is a
     disjoint GPU set and a port, held for the whole run); one slot means one run after another. An
-    interrupted run of the same inputs resumes from its checkpoints (its folder is kept)."""
+    interrupted run of the same inputs resumes from its checkpoints (its folder is kept). The first failure
+    stops the launching of further runs (runs already going side by side finish) and is raised."""
     todo = set(s.key for s in pending(manifest, [step for _, step in runs.values()]))
     free: queue.Queue[int] = queue.Queue()
     for n in range(len(slots)):
         free.put(n)
+    failed = threading.Event()  # fail fast: once a run fails, no further run starts
 
     def train_in_slot(item: tuple[RunSpec, Step]) -> None:
         spec, step = item
         n = free.get()
         try:
+            if failed.is_set():
+                log.info("%s: not started, another run failed.", spec.key)
+                return
             manifest.run(step, lambda: _train_one(spec, step, slots[n], n, train_fn), clear_outputs=False)
+        except BaseException:
+            failed.set()
+            raise
         finally:
             free.put(n)
 

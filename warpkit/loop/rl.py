@@ -12,6 +12,7 @@ The M runs of an iteration differ by `data_seed`, which permutes the prompts bef
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import sys
 from collections.abc import Callable, Sequence
@@ -28,7 +29,6 @@ __all__ = [
     "build_trainer",
     "check_args",
     "check_settings",
-    "last_complete_checkpoint",
     "main",
     "parse_args",
     "reward_funcs",
@@ -36,6 +36,7 @@ __all__ = [
 ]
 
 POLICY_DIRNAME = "policy"  # the run's final policy, a save_pretrained folder (or LoRA adapter) in output_dir
+log = logging.getLogger(__name__)
 ALGORITHMS = ("rloo", "grpo")
 ANCHORS = ("ema", "sft")
 
@@ -122,22 +123,30 @@ def parse_args(argv: Sequence[str] | None = None):
     return parser.parse_args_and_config(argv)
 
 
-def check_settings(run: dict) -> None:
+def check_settings(run: dict) -> RLArguments:
     """Parse a run's settings (the dict a `warp_run.yaml` holds) as the run will, and `check_args` them:
-    a bad field fails in the driver, before any run starts. Unknown fields are refused."""
+    a bad field fails in the driver, before any run starts. Unknown fields are refused. Returns warpkit's
+    own settings (rewards, dataset, anchor)."""
     from trl import ModelConfig, TrlParser
 
     algorithm = run.get("algorithm", "rloo")
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm={algorithm!r}: choose one of {ALGORITHMS}.")
     parser = TrlParser((RLArguments, _config_class(algorithm), ModelConfig))
-    check_args(*parser.parse_dict(run))
+    rl_args, training_args, model_args = parser.parse_dict(run)
+    check_args(rl_args, training_args, model_args)
+    return rl_args
 
 
 def check_args(rl_args: RLArguments, training_args, model_args) -> None:
     """Refuse settings that cannot do what the run promises, before any model is loaded."""
     if model_args.model_name_or_path is None:
         raise ValueError("model_name_or_path is required: the init (SFT) model folder.")
+    if training_args.max_steps == 0:
+        raise ValueError(
+            "max_steps=0 trains nothing: give a positive number of optimizer steps (or -1 to train "
+            "num_train_epochs epochs)."
+        )
     if rl_args.anchor == "ema" and training_args.beta == 0:
         raise ValueError(
             "beta=0 with anchor='ema': TRL loads no reference model when beta is 0, so there is no KL anchor "
@@ -197,27 +206,6 @@ def build_trainer(rl_args: RLArguments, training_args, model_args):
     return trainer
 
 
-def last_complete_checkpoint(output_dir: str | Path, *, with_anchor: bool = False) -> str | None:
-    """The newest `checkpoint-N` that was fully written, or None.
-
-    `trainer_state.json` is the Trainer's last file of a checkpoint, so one cut short by a crash lacks it and is
-    skipped. With `with_anchor`, the EMA anchor's file must be there too (step saves write it before
-    `trainer_state.json`; epoch saves after), so a resumed run never restarts from the SFT reference.
-    """
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return None
-    steps = []
-    for p in output_dir.glob("checkpoint-*"):
-        suffix = p.name.removeprefix("checkpoint-")
-        if not (p.is_dir() and suffix.isdigit() and (p / "trainer_state.json").is_file()):
-            continue
-        if with_anchor and not any(p.glob("warpkit_anchor*.safetensors")):
-            continue
-        steps.append((int(suffix), p))
-    return str(max(steps)[1]) if steps else None
-
-
 def save_policy(trainer, output_dir: str | Path) -> Path:
     """Save the final policy to `output_dir/policy` atomically: all ranks write a temp folder, rank 0 renames.
 
@@ -238,17 +226,35 @@ def save_policy(trainer, output_dir: str | Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    """Train one run to the end (resuming from its last complete checkpoint) and save its policy."""
-    from warpkit import __version__
+    """Train one run to the end (resuming from its newest checkpoint that verifies) and save its policy."""
+    from warpkit._util.log import setup_logging
+    from warpkit.loop.checkpoints import CheckpointRecord, finished_step, publish_finished, resume_point
 
+    setup_logging()
     rl_args, training_args, model_args = parse_args(argv)
     trainer = build_trainer(rl_args, training_args, model_args)
-    # A save_only_model checkpoint has no optimizer state to resume from: such a run restarts from scratch.
-    resume = None
-    if not training_args.save_only_model:
-        resume = last_complete_checkpoint(training_args.output_dir, with_anchor=rl_args.anchor == "ema")
-    trainer.train(resume_from_checkpoint=resume)
-    policy = save_policy(trainer, training_args.output_dir)
+    trainer.add_callback(CheckpointRecord())
+    output_dir, accelerator = Path(training_args.output_dir), trainer.accelerator
+    resume = resume_point(output_dir, with_anchor=rl_args.anchor == "ema")
+    if resume is not None and finished_step(resume):  # killed after its last checkpoint: nothing to train
+        done = publish_finished(resume, output_dir / POLICY_DIRNAME) if accelerator.is_main_process else True
+        accelerator.wait_for_everyone()
+        if done:
+            step = json.loads((resume / "trainer_state.json").read_text())["global_step"]
+            return _write_run_info(rl_args, training_args, trainer, output_dir / POLICY_DIRNAME, step, resume)
+        log.warning("%s holds no full weights to publish: training its last step again.", resume)
+    if training_args.save_only_model:  # no optimizer state to resume from: such a run restarts from scratch
+        resume = None
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    policy = save_policy(trainer, output_dir)
+    return _write_run_info(rl_args, training_args, trainer, policy, trainer.state.global_step, resume)
+
+
+def _write_run_info(
+    rl_args, training_args, trainer, policy: Path, global_step: int, resume: Path | None
+) -> Path:
+    from warpkit import __version__
+
     if trainer.accelerator.is_main_process:
         info = {
             "warpkit_version": __version__,
@@ -259,8 +265,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
             "data_seed": training_args.data_seed,
             "num_processes": trainer.accelerator.num_processes,
             "distributed_type": str(trainer.accelerator.distributed_type),
-            "global_step": trainer.state.global_step,
-            "resumed_from": resume,
+            "global_step": global_step,
+            "resumed_from": str(resume) if resume else None,
             "policy": str(policy),
         }
         write_atomic(Path(training_args.output_dir) / "run_info.json", json.dumps(info, indent=1))
