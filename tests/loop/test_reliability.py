@@ -25,6 +25,21 @@ def sft(tiny_model_factory) -> Path:
     return tiny_model_factory("llama", True)
 
 
+def _read_only_folder(tmp_path: Path) -> Path:
+    """A read-only folder that stays read-only for root too: a read-only tmpfs (skip where mount is denied)."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return folder
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.decode().strip()}")
+    return folder
+
+
 def _never(spec, env):
     pytest.fail("training started despite bad input")
 
@@ -72,11 +87,8 @@ def test_output_dirs_warpkit_cannot_own_are_refused(sft, tmp_path, kind):
         out.write_text("a file")
         message = r"output_dir=.*out is a file"
     elif kind == "read-only":
-        tmp_path.chmod(0o555)
-        message = r"output_dir=.*out cannot be written"
-        if os.access(tmp_path, os.W_OK):  # root ignores modes: make the parent a read-only mount instead
-            tmp_path.chmod(0o755)
-            pytest.skip("running as root: a read-only folder is still writable")
+        out = _read_only_folder(tmp_path) / "out"
+        message = r"output_dir=.*out cannot be written \(.* is read-only\)"
     else:
         out.mkdir()
         (out / "thesis.tex").write_text("not warpkit's")
@@ -85,7 +97,9 @@ def test_output_dirs_warpkit_cannot_own_are_refused(sft, tmp_path, kind):
         with pytest.raises(ConfigError, match=message):
             run_warp(tiny_config(out, sft), train_fn=_never)
     finally:
-        tmp_path.chmod(0o755)
+        if kind == "read-only":
+            subprocess.run(["umount", str(out.parent)], check=False, capture_output=True)
+            out.parent.chmod(0o755)
     if kind == "foreign":
         assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
 
