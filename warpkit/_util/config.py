@@ -51,7 +51,7 @@ def load_yaml_mapping(path: str | Path, what: str = "config") -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"{what} file {path} is not valid YAML: {e}") from e
+        raise ConfigError(f"{what} file {path} is not valid YAML: {_one_line(e)}") from e
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -85,8 +85,15 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
         try:
             target[leaf] = yaml.safe_load(value)
         except yaml.YAMLError as e:
-            raise ConfigError(f"override {token}: {value!r} is not a YAML value ({e}).") from e
+            raise ConfigError(f"override {token}: {value!r} is not a YAML value ({_one_line(e)}).") from e
     return raw
+
+
+def _one_line(error: Exception) -> str:
+    """A YAML error as one line: what is wrong and where (PyYAML's own message spans several lines)."""
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(error, 'problem', None) or str(error).splitlines()[0]}{where}"
 
 
 def build_dataclass(cls: type[T], data: Any, where: str) -> T:
