@@ -20,6 +20,13 @@ from warpkit.merge.methods import ENGINE_OPTIONS, INIT_OPTIONS, METHODS, Param, 
 __all__ = ["MERGE_KEYS", "CommandError", "build_parser", "main", "merge_plan"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line on stderr (what is wrong and where to look), not the whole usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 class CommandError(SystemExit):
     """A user error found by a subcommand: `main` prints its one line on stderr and the exit code is 2."""
 
@@ -206,8 +213,8 @@ def _split_settings(settings: dict[str, Any]) -> tuple[Any, dict[str, Any], dict
     ]
     if extra:
         raise CommandError(
-            f"warpkit merge: {', '.join(extra)} do not apply to --method {method.name} (a plain average, with "
-            "no init to interpolate towards); drop them."
+            f"warpkit merge: {', '.join(extra)} do not apply to --method {method.name} (a plain average of full "
+            "models, with no init to interpolate towards); drop them."
         )
     params = {p.name: settings.pop(p.name) for p in all_params() if settings.get(p.name) is not None}
     return method, params, settings
@@ -216,6 +223,10 @@ def _split_settings(settings: dict[str, Any]) -> tuple[Any, dict[str, Any], dict
 def merge_plan(args: argparse.Namespace) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """What `warpkit merge` would do, checked before anything is read: (method entry, its params as given,
     the engine options and inputs). SystemExit with the reason otherwise."""
+    from warpkit.merge.folders import as_dtype
+    from warpkit.merge.output import check_out
+    from warpkit.merge.writer import parse_size
+
     settings = _merge_settings(args)
     try:
         method, params, options = _split_settings(settings)
@@ -224,6 +235,11 @@ def merge_plan(args: argparse.Namespace) -> tuple[Any, dict[str, Any], dict[str,
             len(options["models"]), options.get("weights"), resolved,
             allow_extrapolation=bool(options.get("allow_extrapolation")), cli=True,
         )  # fmt: skip
+        inputs = [*([options["init"]] if options.get("init") else []), *options["models"]]
+        check_out(options["out"], inputs, bool(options.get("overwrite")), cli=True)
+        as_dtype(options.get("dtype"), "--dtype")
+        as_dtype(options.get("compute_dtype"), "--compute-dtype")
+        parse_size(options.get("max_shard_size") or 0)
     except ValueError as e:
         raise CommandError(f"warpkit merge: {e}") from e
     return method, params, options
@@ -231,7 +247,8 @@ def merge_plan(args: argparse.Namespace) -> tuple[Any, dict[str, Any], dict[str,
 
 def _merge(args: argparse.Namespace) -> int:
     method, params, options = merge_plan(args)
-    common = {"progress": not args.no_progress, "hash_inputs": not args.no_hash}
+    # The bar is drawn on a terminal only: piped or captured stderr gets the result line and errors alone.
+    common = {"progress": not args.no_progress and sys.stderr.isatty(), "hash_inputs": not args.no_hash}
     t0 = time.perf_counter()
     try:
         if method.runner is not None:
@@ -307,11 +324,11 @@ _PARSERS = [_default_model_parser, _tiny_model_parser, _train_parser, _merge_par
 def build_parser() -> argparse.ArgumentParser:
     from warpkit import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="warpkit", description="WARP (Weight Averaged Rewarded Policies) for Hugging Face TRL."
     )
     parser.add_argument("--version", action="version", version=f"warpkit {__version__}")
-    sub = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND", required=True, parser_class=_Parser)
     for add in _PARSERS:
         add(sub)
     return parser

@@ -37,6 +37,42 @@ def test_ties_edges():
         ties(v[None], [1], density=1.5)
 
 
+def test_ties_sign_tie_is_the_papers_sgn_zero():
+    """An exact tie, sum_t tau_t = 0, elects gamma = sgn(0) = 0 (Yadav et al. 2023, eq. for gamma_m): no model
+    agrees with it except those that are 0 there, and the disjoint mean ignores zeros, so the entry keeps
+    the init. Hand case, unit weights, no trim: entry 0 is +1/-1 (tie: 0); entry 1 agrees (mean 3.5);
+    entry 2 is -3/+3 (tie: 0); entry 3 has mass 0.25 > 0 (+ elected, mean of {0.5}: 0.5)."""
+    d = T([[1.0, 2.0, -3.0, 0.5], [-1.0, 5.0, 3.0, -0.25]])
+    assert torch.equal(ties(d, [1, 1]), T([0.0, 3.5, 0.0, 0.5]))
+    # sgn(0) = 0 keeps the rule symmetric: negating every task vector negates the merge
+    assert torch.equal(ties(-d, [1, 1]), -ties(d, [1, 1]))
+    # the weights enter the mass: w = (1, 2) breaks entries 0 and 2 towards model 2 and makes entry 3 a tie
+    # (0.5 - 2 * 0.25 = 0); entry 1 is the weighted mean (2 + 2 * 5) / 3 = 4
+    assert torch.equal(ties(d, [1, 2]), T([-1.0, 4.0, 3.0, 0.0]))
+
+
+def test_ties_tie_rule_differs_from_peft_only_on_ties():
+    """peft (`peft.utils.merge_utils.ties`, as mergekit) elects + when the mass is exactly 0
+    (`torch.where(sign_magnitude >= 0, 1, -1)`), so a tie takes the mean of the positive entries and the
+    merge is not odd in the task vectors. Everywhere else the two agree (unit weights, no trim)."""
+    import warnings
+
+    from peft.utils.merge_utils import ties as peft_ties
+
+    d = T([[1.0, 2.0, -3.0, 0.5], [-1.0, 5.0, 3.0, -0.25]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft warns that density 1 prunes nothing
+        theirs = peft_ties(list(d), torch.ones(2), density=1.0)
+        theirs_negated = peft_ties(list(-d), torch.ones(2), density=1.0)
+    ours = ties(d, [1, 1])
+    tie = (d.sum(0) == 0) & (d != 0).any(0)
+    assert tie.tolist() == [True, False, True, False]
+    assert torch.equal(ours[~tie], theirs[~tie])
+    assert torch.equal(ours[tie], T([0.0, 0.0]))  # the paper: sgn(0) = 0, the init
+    assert torch.equal(theirs[tie], T([1.0, 3.0]))  # peft: + elected, the positive entry
+    assert torch.equal(theirs_negated[tie], T([1.0, 3.0]))  # ... and + again for -d: not odd
+
+
 # ----------------------------------------------------------------------------- DARE
 
 

@@ -60,7 +60,10 @@ def test_every_method_has_exactly_one_implementation_kind():
         ("slerp", {"scale": 2.0}, r"^scale applies to task_arithmetic, ties, dare_linear, dare_ties, negmerge, not slerp\.$"),
         ("dare_ties", {"trim_scope": "model"}, r"^trim_scope applies to ties only, not dare_ties\.$"),
         ("ties", {"denisty": 0.5}, r"^unknown setting\(s\) denisty; ties takes density, scale, trim_scope\.$"),
-        ("ties", {"density": 1.5}, r"^density=1\.5 is outside \[0, 1\]"),
+        ("ties", {"density": 1.5}, r"^density=1\.5 is outside \(0, 1\]"),
+        ("ties", {"density": 0}, r"^density=0\.0 is outside \(0, 1\] \(ties: fraction of entries kept; dare: keep "
+         r"probability\); density 0 would keep nothing and return the init unchanged; pass a value in \(0, 1\]"),
+        ("dare_linear", {"density": 0.0}, r"^density=0\.0 is outside \(0, 1\]"),
         ("ties", {"density": True}, r"^density=True must be a number\.$"),
         ("ties", {"trim_scope": "layer"}, r"^trim_scope='layer' must be one of \['tensor', 'model'\]\.$"),
         ("dare_linear", {"seed": 1.5}, r"^seed=1\.5 must be an integer\.$"),
@@ -122,7 +125,7 @@ def test_init_options_are_refused_for_methods_without_an_init(tmp_path):
     """Soups average models themselves: merge_folders refuses them and the CLI refuses init options."""
     with pytest.raises(ValueError, match="soup averages models without an init"):
         merge_folders("soup", tmp_path, [tmp_path, tmp_path], tmp_path / "o")
-    assert {p.name for p in INIT_OPTIONS} == {"granularity", "liti_eta", "allow_extrapolation"}
+    assert {p.name for p in INIT_OPTIONS} == {"granularity", "liti_eta", "lora_base_ok"}
 
 
 def test_driver_merge_kwargs_follow_the_registry():
@@ -147,3 +150,35 @@ def test_merge_task_vectors_in_memory_matches_the_chunk_rule():
     assert torch.equal(got, torch.tensor([3.0, -2.0, 2.0]))
     with pytest.raises(ValueError, match="slerp is not an element-wise method"):
         get_method("slerp").merge_task_vectors(d)
+
+
+@pytest.mark.parametrize("method", [m.name for m in METHODS.values() if "density" in m.param_names])
+def test_density_zero_is_refused_wherever_density_is_taken(method, tmp_path):
+    """density 0 keeps nothing (TIES) or drops everything (DARE): the merge would silently be the init."""
+    why = r"density=0\.0 is outside \(0, 1\] \(ties: fraction of entries kept; dare: keep probability\)"
+    with pytest.raises(ValueError, match=rf"^{why}; density 0 would keep nothing .* e\.g\. 0\.2"):
+        get_method(method).resolve({"density": 0})
+    with pytest.raises(ValueError, match=rf"^--{why}"):
+        get_method(method).resolve({"density": 0.0}, cli=True)
+    with pytest.raises(ValueError, match=why):
+        get_method(method).merge_task_vectors(torch.ones(2, 3), density=0.0)
+    with pytest.raises(ValueError, match=rf"merge_method='{method}': {why}"):
+        WarpConfig(model_name_or_path="m", merge_method=method, merge_kwargs={"density": 0.0})
+    with pytest.raises(ValueError, match=why):  # before the (missing) inputs are looked at
+        merge_folders(method, tmp_path / "no-init", [tmp_path / "no-model"], tmp_path / "out", density=0.0)
+    assert get_method(method).resolve({"density": 1e-9})["density"] == 1e-9  # any positive density is allowed
+
+
+def test_soup_weights_are_convex_unless_extrapolating():
+    for name in ("soup", "warm"):
+        method = get_method(name)
+        assert method.check_inputs(2, [1, 3], {}) == {"weights": [1.0, 3.0]}
+        assert method.check_inputs(2, [2, -1], {}, allow_extrapolation=True) == {"weights": [2.0, -1.0]}
+        with pytest.raises(ValueError, match=rf"^{name} weights \[2\.0, -1\.0\] include negative values"):
+            method.check_inputs(2, [2, -1], {})
+    with pytest.raises(ValueError, match=r"greedy_soup takes no weights and no init, so allow_extrapolation"):
+        get_method("greedy_soup").check_inputs(2, None, {"scorer": "m:f"}, allow_extrapolation=True)
+    # methods with an init keep their own rules: lerp refuses negatives, task arithmetic negates with them
+    with pytest.raises(ValueError, match="allow_extrapolation"):
+        get_method("lerp").check_inputs(2, [2, -1], {})
+    assert get_method("task_arithmetic").check_inputs(1, [-1], {}) == {"weights": [-1.0]}

@@ -82,3 +82,18 @@ def test_warm_reward_models_merge_and_load(tiny_tokenizer_dir, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(out)
     reward = rm(**tokenizer(["a great movie"], return_tensors="pt")).logits
     assert reward.shape == (1, 1) and torch.isfinite(reward).all()
+
+
+def test_negative_soup_weights_need_allow_extrapolation_as_for_lerp(tiny_model_factory, tmp_path):
+    """Σ w θ / Σ w with a negative w leaves the models' hull: refused like lerp's, allowed explicitly."""
+    a, b = tiny_model_factory("gpt2", True, 0), tiny_model_factory("gpt2", True, 1)
+    with pytest.raises(ValueError, match=r"^soup weights \[2\.0, -1\.0\] include negative values: .* Use "
+                       r"weights >= 0, or pass allow_extrapolation=True \(CLI: --allow-extrapolation\)"):  # fmt: skip
+        uniform_soup([a, b], tmp_path / "s", weights=[2, -1], progress=False)
+    assert not (tmp_path / "s").exists()
+    out = uniform_soup([a, b], tmp_path / "s", weights=[2, -1], allow_extrapolation=True, progress=False)
+    got = load_file(out / "model.safetensors")
+    sa, sb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    n = "transformer.h.0.mlp.c_fc.weight"
+    torch.testing.assert_close(got[n], (2 * sa[n].double() - sb[n].double()).float())
+    assert json.loads((out / "warpkit_merge.json").read_text())["allow_extrapolation"] is True

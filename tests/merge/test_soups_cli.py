@@ -373,3 +373,22 @@ def test_greedy_soup_config_yaml_keys(tiny_model_factory, tmp_path):
     assert soup_scorers.CALLS == ["B,C", "A,B,C"]
     record = json.loads((tmp_path / "soup" / SOUP_RECORD).read_text())
     assert [Path(p).name for p in record["ingredients"]] == ["B", "C"]
+
+
+def test_cli_soup_weights_follow_the_extrapolation_rule(tiny_model_factory, tmp_path, capsys):
+    """The help says --allow-extrapolation is what allows negative weights: true for soups as for lerp."""
+    a, b = tiny_model_factory("gpt2", True, 0), tiny_model_factory("gpt2", True, 1)
+    args = ["merge", "--models", str(a), str(b), "--weights", "3", "-1", "--no-progress"]
+    for method in ("soup", "warm"):  # warm is refused for the weights before its reward-model checks
+        with pytest.raises(SystemExit, match=rf"^warpkit merge: {method} weights \[3\.0, -1\.0\] include "
+                           r"negative values: .* or pass --allow-extrapolation if that is intended\.$"):  # fmt: skip
+            main([*args, "--method", method, "--out", str(tmp_path / method)])
+    assert main([*args, "--method", "soup", "--out", str(tmp_path / "soup"), "--allow-extrapolation"]) == 0
+    got, sa, sb = load_state(tmp_path / "soup"), load_state(a), load_state(b)
+    for n in got:
+        torch.testing.assert_close(got[n], (1.5 * sa[n].double() - 0.5 * sb[n].double()).float(), msg=n)
+    with pytest.raises(SystemExit, match=r"greedy_soup takes no weights and no init, so --allow-extrapolation "
+                       r"has nothing to allow; drop --allow-extrapolation\."):  # fmt: skip
+        main(["merge", "--method", "greedy_soup", "--models", str(a), str(b), "--scorer",
+              "tests.merge.scorers:table_score", "--allow-extrapolation", "--out", str(tmp_path / "g")])  # fmt: skip
+    assert not (tmp_path / "g").exists() and not (tmp_path / "warm").exists()

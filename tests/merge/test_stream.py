@@ -173,13 +173,10 @@ def test_ties_whole_model_trim_edges(trio, tmp_path):
     base = load_state(init)
     names = [n for n in base if base[n].dtype.is_floating_point]
     numel = sum(base[n].numel() for n in names)
-    # density 0: nothing kept anywhere, the init comes back
-    zero = load_state(
-        merge_folders(
-            "ties", init, [a, b], tmp_path / "z", density=0.0, trim_scope="model", progress=False
-        ).out
-    )
-    assert all(torch.equal(zero[n], base[n]) for n in names)
+    # density 0 would keep nothing anywhere and silently return the init: refused, saying why and the fix
+    with pytest.raises(ValueError, match=r"density=0\.0 is outside \(0, 1\].*keep nothing.*e\.g\. 0\.2"):
+        merge_folders("ties", init, [a, b], tmp_path / "z", density=0.0, trim_scope="model", progress=False)
+    assert not (tmp_path / "z").exists()
     # density * size below one element: one entry per task vector survives, model-wide
     tiny = merge_folders(
         "ties", init, [a], tmp_path / "t", density=0.5 / numel, trim_scope="model", progress=False

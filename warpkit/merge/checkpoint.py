@@ -205,6 +205,7 @@ class LoraCheckpoint:
         self.init = init
         self.config = init.config
         cfg = _read_json(self.path / "adapter_config.json")
+        self.base_model: str | None = cfg.get("base_model_name_or_path")  # what it was trained on
         if cfg.get("peft_type", "LORA") != "LORA":
             raise ValueError(
                 f"{self.path}: peft_type {cfg.get('peft_type')!r} is not LORA; only LoRA adapters merge."

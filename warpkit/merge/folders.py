@@ -25,8 +25,10 @@ from warpkit._util.files import atomic_dir, sha256_file
 from warpkit._util.tensors import check_same_tensors
 from warpkit.merge.checkpoint import Checkpoint, LoraCheckpoint, open_checkpoint
 from warpkit.merge.coefficients import GroupStats, stats_to_log
+from warpkit.merge.lora_base import check_lora_base
 from warpkit.merge.math import GRANULARITIES, Granularity, check_eta, group_key
 from warpkit.merge.methods import METHODS, MergeMethod, get_method
+from warpkit.merge.output import check_out, writing
 from warpkit.merge.stream import ChunkStream, merge_coefficient_groups, merge_elementwise, num_passes
 from warpkit.merge.writer import RECIPE_NAME, ShardedWriter, carry_files, parse_size, write_config
 
@@ -34,6 +36,7 @@ __all__ = ["MergeReport", "as_dtype", "liti_folder", "merge_folders"]
 
 # Config fields two models must agree on to be merged (shapes and names are checked tensor by tensor).
 _ARCH_KEYS = ("model_type", "architectures", "tie_word_embeddings")
+_SAME_INIT = "Merge only fine-tunes of the init (its architecture and sizes), or pass the init they share."
 
 
 @dataclass
@@ -75,6 +78,7 @@ def merge_folders(
     granularity: Granularity = "block",
     liti_eta: float | None = None,
     allow_extrapolation: bool = False,
+    lora_base_ok: bool = False,
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
     compute_dtype: torch.dtype | str = torch.float32,
@@ -96,6 +100,8 @@ def merge_folders(
     `seed`, `scale`), "negmerge" (`scale`). `params` are the method's settings; another method's is refused.
     weights: one per model, uniform by default. granularity: "block" (default), "tensor" or "model".
     liti_eta: if set, write LITI (1 - η) * init + η * merged (WARP stage 3) instead of the merge itself.
+    lora_base_ok: merge LoRA adapters whose `base_model_name_or_path` names another model than `init`
+    (refused by default, see `warpkit.merge.lora_base`): say so only when it is the same model.
     dtype: output dtype (default: each tensor keeps the init's); arithmetic runs in `compute_dtype`.
     hash_inputs: record each input file's sha256 in the recipe (hashed by a background thread).
     num_threads: torch threads for the arithmetic (restored afterwards). One by default: streaming
@@ -104,8 +110,9 @@ def merge_folders(
     Memory: one chunk of `chunk_numel` elements per input plus `cache_size` bytes that spare pass 2 a
     re-read of the group's tensors (a transformer layer of a 0.5B model in fp32 fits in 256MB), for
     every method: the element-wise ones stream the same chunks.
-    All inputs are checked before anything is written; the folder appears at `out` only when complete.
-    Returns a `MergeReport` whose `stats` hold each group's angle, task-vector norms and cosines.
+    All inputs are checked before anything is written (`out` before any is read: never an input, inside
+    or around one, and replaced only if it is an earlier warpkit output and `overwrite`); the folder
+    appears at `out` only when complete. Returns a `MergeReport` whose `stats` hold each group's angle, task-vector norms and cosines.
     """
     t0 = time.perf_counter()
     entry, settings = _check_settings(
@@ -115,9 +122,10 @@ def merge_folders(
     if cd not in (torch.float32, torch.float64):
         raise ValueError(f"compute_dtype={compute_dtype!r}: merges run in float32 or float64.")
     settings |= {"allow_extrapolation": allow_extrapolation, "dtype": out_dtype, "compute_dtype": cd}
-    init_path, out, paths = Path(init), Path(out), [Path(m) for m in models]
-    _check_out(out, [init_path, *paths], overwrite)
-    init_ckpt, ckpts, drop = _open_inputs(init_path, paths)
+    settings["lora_base_ok"] = lora_base_ok
+    init_path, paths = Path(init), [Path(m) for m in models]
+    out = check_out(out, [init_path, *paths], overwrite)
+    init_ckpt, ckpts, drop = _open_inputs(init_path, paths, lora_base_ok)
     options = {"device": torch.device(device or "cpu"), "cache_bytes": parse_size(cache_size)}
     options |= {
         "chunk_numel": chunk_numel,
@@ -128,7 +136,7 @@ def merge_folders(
     try:
         files = [f for c in [init_ckpt, *ckpts] for f in c.files]
         hashes = pool.submit(lambda: {str(f): sha256_file(f) for f in files}) if hash_inputs else None
-        with atomic_dir(out, overwrite=overwrite) as tmp, _torch_threads(num_threads):
+        with writing(out), atomic_dir(out, overwrite=overwrite) as tmp, _torch_threads(num_threads):
             stats = _write_weights(tmp, init_ckpt, ckpts, drop, entry, settings, options)
             write_config(init_ckpt, tmp, out_dtype)
             carried = carry_files(init_path, tmp)
@@ -179,15 +187,9 @@ def _check_settings(
     return entry, settings | {"granularity": granularity, "liti_eta": liti_eta}
 
 
-def _check_out(out: Path, inputs: Sequence[Path], overwrite: bool) -> None:
-    for p in inputs:
-        if p.exists() and out.exists() and p.resolve() == out.resolve():
-            raise ValueError(f"out={out} is one of the inputs; write the merge to a new folder.")
-    if out.exists() and not overwrite:
-        raise ValueError(f"out={out} already exists; remove it or pass overwrite=True (CLI: --overwrite).")
-
-
-def _open_inputs(init_path: Path, paths: Sequence[Path]) -> tuple[Checkpoint, list, set[str]]:
+def _open_inputs(
+    init_path: Path, paths: Sequence[Path], lora_base_ok: bool = False
+) -> tuple[Checkpoint, list, set[str]]:
     """The init and every model opened lazily and checked against the init; the tied head to skip."""
     init_ckpt = Checkpoint(init_path)
     if (init_path / "adapter_config.json").exists():
@@ -198,18 +200,23 @@ def _open_inputs(init_path: Path, paths: Sequence[Path]) -> tuple[Checkpoint, li
     # Tied embeddings: the head is the embedding, so it is merged once, as the embedding, and not written.
     drop = {"lm_head.weight"} if init_ckpt.tied and "lm_head.weight" in init_ckpt.tensors else set()
     for i, model in enumerate(ckpts):
-        if isinstance(model, LoraCheckpoint):
-            continue  # its tensors are the init's by construction; targets were checked on open
         where = f"model {i} ({model.path})"
+        if isinstance(model, LoraCheckpoint):  # its tensors are the init's; targets were checked on open
+            if not lora_base_ok:
+                check_lora_base(model.base_model, init_path, init_ckpt.config, where)
+            continue
         for key in _ARCH_KEYS:
             a, b = init_ckpt.config.get(key), model.config.get(key)
             if a != b:
                 raise ValueError(
-                    f"{where} has {key}={b!r}, the init {init_ckpt.path} has {a!r}: different architectures."
+                    f"{where} has {key}={b!r}, the init {init_ckpt.path} has {a!r}: different architectures. "
+                    f"{_SAME_INIT}"
                 )
         shapes = {n: info.shape for n, info in model.tensors.items()}
         init_shapes = {n: info.shape for n, info in init_ckpt.tensors.items()}
-        check_same_tensors(init_shapes, shapes, where, f"the init {init_ckpt.path}", ignore=drop)
+        check_same_tensors(
+            init_shapes, shapes, where, f"the init {init_ckpt.path}", ignore=drop, fix=_SAME_INIT
+        )
         for name, info in init_ckpt.tensors.items():
             other = model.tensors[name] if name not in drop else info
             if other.dtype.is_floating_point != info.dtype.is_floating_point:
@@ -233,13 +240,14 @@ def _write_weights(
     for n in floating:
         groups.setdefault(group_key(n, settings["granularity"]), []).append(n)
     writer = ShardedWriter(tmp, plan, options["max_shard_bytes"])
-    for n in names:  # integer and bool buffers: copied from the init, never interpolated
-        if n not in floating:
-            writer.write(n, 0, init.raw_rows(n, 0, init.tensors[n].rows))
     total = num_passes(entry, settings, cd) * len(floating)
-    with tqdm(
+    bar = tqdm(
         total=total, unit="tensor", disable=not options["progress"], desc=f"warpkit merge ({entry.name})"
-    ) as bar:
+    )
+    try:
+        for n in names:  # integer and bool buffers: copied from the init, never interpolated
+            if n not in floating:
+                writer.write(n, 0, init.raw_rows(n, 0, init.tensors[n].rows))
         stream = ChunkStream(
             init, ckpts, compute_dtype=cd, device=options["device"], cache_bytes=options["cache_bytes"],
             chunk_numel=options["chunk_numel"], out_dtype=out_dtype, writer=writer, bar=bar,
@@ -249,6 +257,12 @@ def _write_weights(
             stats = merge_elementwise(stream, [n for g in groups.values() for n in g], entry, settings, eta)
         else:
             stats = merge_coefficient_groups(stream, groups, entry, settings, eta)
+    except BaseException:
+        writer.abort()
+        bar.leave = False  # on a terminal the bar is erased: the error is what stays on screen
+        bar.close()
+        raise
+    bar.close()
     writer.close()
     return stats
 
@@ -268,6 +282,7 @@ def _recipe(
         **params,
         "liti_eta": settings["liti_eta"],
         "allow_extrapolation": settings["allow_extrapolation"],
+        "lora_base_ok": settings["lora_base_ok"],
         "dtype": _dtype_name(settings["dtype"]),
         "compute_dtype": _dtype_name(settings["compute_dtype"]),
         "init": {
@@ -278,6 +293,7 @@ def _recipe(
             {
                 "path": str(c.path.resolve()),
                 "kind": "lora" if isinstance(c, LoraCheckpoint) else "full",
+                **({"base_model_name_or_path": c.base_model} if isinstance(c, LoraCheckpoint) else {}),
                 "sha256": {f.name: digests.get(str(f)) for f in c.files},
             }
             for c in ckpts

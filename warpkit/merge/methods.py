@@ -40,6 +40,7 @@ from warpkit.merge.elementwise import (
     ties_chunk,
 )
 from warpkit.merge.math import GRANULARITIES, merge_lambdas
+from warpkit.merge.params import Param, spell
 
 __all__ = [
     "ENGINE_OPTIONS",
@@ -54,60 +55,7 @@ __all__ = [
 ]
 
 
-def spell(name: str, cli: bool) -> str:
-    """A setting as the user wrote it: `density` in Python and YAML, `--density` on the command line."""
-    return "--" + name.replace("_", "-") if cli else name
-
-
-@dataclass(frozen=True)
-class Param:
-    """One setting: its type (bool, int, float, str, or list of floats), default, range or choices, help."""
-
-    name: str
-    type: type
-    default: Any
-    help: str
-    low: float | None = None  # inclusive bounds for numbers
-    high: float | None = None
-    choices: tuple[str, ...] | None = None
-    metavar: str | None = None
-
-    def check(self, value: Any, where: str) -> Any:
-        """`value` converted to this type, or ValueError naming `where`, the value and what is allowed."""
-        if self.type is bool:
-            if not isinstance(value, bool):
-                raise ValueError(f"{where}={value!r} must be true or false.")
-            return value
-        if self.type is list:
-            if not isinstance(value, (list, tuple)) or not all(_is_number(v) for v in value):
-                raise ValueError(f"{where}={value!r} must be a list of numbers.")
-            return [self._number(float(v), where) for v in value]
-        if self.type in (int, float):
-            if not _is_number(value) or (self.type is int and float(value) != int(value)):
-                raise ValueError(
-                    f"{where}={value!r} must be {'an integer' if self.type is int else 'a number'}."
-                )
-            return self._number(self.type(value), where)
-        if not isinstance(value, str) or (self.choices and value not in self.choices):
-            allowed = f"one of {list(self.choices)}" if self.choices else "a string"
-            raise ValueError(f"{where}={value!r} must be {allowed}.")
-        return value
-
-    def _number(self, value: float, where: str) -> Any:
-        if not math.isfinite(value):
-            raise ValueError(f"{where}={value} must be finite.")
-        low = -math.inf if self.low is None else self.low
-        high = math.inf if self.high is None else self.high
-        if not low <= value <= high:
-            raise ValueError(f"{where}={value} is outside [{low:g}, {high:g}] ({self.help}).")
-        return value
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-WeightRule = Literal["lambdas", "free", "none"]
+WeightRule = Literal["lambdas", "convex", "free", "none"]
 
 
 @dataclass(frozen=True)
@@ -116,8 +64,11 @@ class MergeMethod:
 
     init: "required" (a task-vector method), "config" (the init supplies only config and tokenizer) or
     "none" (soups: the first model does). weights: how per-model weights are read: "lambdas" (the SLERP
-    recursion's λ_k = w_k / sum_{j<=k} w_j, in [0, 1] unless extrapolating), "free" (any finite; the
-    coefficient rule refuses what it cannot use, e.g. a zero sum to normalise), "none" (not taken).
+    recursion's λ_k = w_k / sum_{j<=k} w_j, in [0, 1] unless extrapolating), "convex" (a weighted average
+    Σ w θ / Σ w: negative weights extrapolate, so they need allow_extrapolation, as for "lambdas"),
+    "free" (any finite; the coefficient rule refuses what it cannot use, e.g. a zero sum to normalise),
+    "none" (not taken). allow_extrapolation is refused where there is nothing to extrapolate (no init and
+    no weights).
     """
 
     name: str
@@ -189,6 +140,11 @@ class MergeMethod:
             raise ValueError(f"{self.name} needs at least {self.min_models} models, got {num_models}.")
         if self.check is not None:
             self.check(params, num_models, cli)
+        if allow_extrapolation and self.init == "none" and self.weights == "none":
+            flag = spell("allow_extrapolation", cli)
+            raise ValueError(
+                f"{self.name} takes no weights and no init, so {flag} has nothing to allow; drop {flag}."
+            )
         if weights is not None and self.weights == "none":
             flag = spell("weights", cli)
             raise ValueError(
@@ -201,6 +157,12 @@ class MergeMethod:
             raise ValueError(f"weights must be finite, got {w}.")
         if self.weights == "lambdas":
             return {"weights": w, "lambdas": merge_lambdas(w, allow_extrapolation=allow_extrapolation)}
+        if self.weights == "convex" and not allow_extrapolation and any(x < 0 for x in w):
+            fix = "--allow-extrapolation" if cli else "allow_extrapolation=True (CLI: --allow-extrapolation)"
+            raise ValueError(
+                f"{self.name} weights {w} include negative values: Σ w θ / Σ w then extrapolates beyond the "
+                f"models instead of averaging them. Use weights >= 0, or pass {fix} if that is intended."
+            )
         return {"weights": w}
 
     def merge_task_vectors(
@@ -234,7 +196,11 @@ def _order(name: str) -> int:
 
 
 SCALE = Param("scale", float, 1.0, "factor on the merged task vector; negative weights negate")
-DENSITY = Param("density", float, 1.0, "ties: fraction of entries kept; dare: keep probability", 0.0, 1.0)
+DENSITY = Param(
+    "density", float, 1.0, "ties: fraction of entries kept; dare: keep probability", 0.0, 1.0, low_open=True,
+    fix="density 0 would keep nothing and return the init unchanged; pass a value in (0, 1], e.g. 0.2 "
+    "(1 keeps every entry)",
+)  # fmt: skip
 SEED = Param("seed", int, 0, "dare mask seed (masks depend on seed, tensor name and model)")
 TRIM_SCOPE = Param(
     "trim_scope", str, "tensor", "ties: trim per tensor (mergekit, peft) or over the whole model (the TIES paper)",
@@ -254,11 +220,16 @@ SCORES = Param("scores", list, None, "precomputed candidate scores, one per mode
 INIT_OPTIONS = (  # meaningful only relative to an init
     Param("granularity", str, "block", "one SLERP angle per transformer layer, tensor or model", choices=GRANULARITIES),
     Param("liti_eta", float, None, "write (1 - eta) * init + eta * merge (WARP stage 3)"),
-    Param("allow_extrapolation", bool, False, "allow eta > 1 and negative weights"),
+    Param(
+        "lora_base_ok", bool, False,
+        "merge LoRA adapters whose base_model_name_or_path names another model than the init (only when it "
+        "is the same model, e.g. a copy)",
+    ),
 )  # fmt: skip
 ENGINE_OPTIONS = (
     Param("weights", list, None, "one per model; default uniform"),
     *INIT_OPTIONS,
+    Param("allow_extrapolation", bool, False, "allow eta > 1 and negative weights (lerp, slerp, soups)"),
     Param("dtype", str, None, "output dtype (default: the init's)"),
     Param("device", str, None, "where the arithmetic runs (cpu, cuda); default cpu"),
     Param("compute_dtype", str, "float32", "float32 (default) or float64"),
@@ -328,7 +299,8 @@ _ENTRIES = [
     ),
     MergeMethod(
         "ties", "trim to the top density by magnitude (per tensor, or `--trim-scope model`), elect the sign "
-        "by mass, disjoint mean", "Yadav et al. 2023", "required", 1,
+        "by mass, disjoint mean; an exact sign tie keeps the init (the paper's sgn(0) = 0; peft and mergekit "
+        "elect +)", "Yadav et al. 2023", "required", 1,
         params=(DENSITY, SCALE, TRIM_SCOPE), combine=ties_chunk, trims=True,
     ),
     MergeMethod(
@@ -344,8 +316,8 @@ _ENTRIES = [
         1, "none", params=(SCALE,), combine=negmerge_chunk,
     ),
     MergeMethod(
-        "soup", "uniform soup Σ θ / M, or weighted Σ w θ / Σ w with `--weights`", "Wortsman et al. 2022",
-        "none", 2, runner="warpkit.merge.soups:run_soup",
+        "soup", "uniform soup Σ θ / M, or weighted Σ w θ / Σ w with `--weights` (negative ones need "
+        "`--allow-extrapolation`)", "Wortsman et al. 2022", "none", 2, "convex", runner="warpkit.merge.soups:run_soup",
     ),
     MergeMethod(
         "greedy_soup", "candidates sorted by score, each added only if the soup's score improves; "
@@ -356,7 +328,7 @@ _ENTRIES = [
     ),
     MergeMethod(
         "warm", "weight average of reward models (score head included), checked to be 1-label classifiers",
-        "Ramé et al. 2024 (WARM)", "none", 2, runner="warpkit.merge.soups:run_warm",
+        "Ramé et al. 2024 (WARM)", "none", 2, "convex", runner="warpkit.merge.soups:run_warm",
     ),
 ]  # fmt: skip
 METHODS: dict[str, MergeMethod] = {m.name: m for m in _ENTRIES}

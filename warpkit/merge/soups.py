@@ -21,6 +21,8 @@ from typing import Any
 
 from warpkit._util.files import publish_dir, temp_prefix
 from warpkit.merge.folders import merge_folders
+from warpkit.merge.methods import get_method
+from warpkit.merge.output import check_out, writing
 
 __all__ = [
     "SOUP_RECORD",
@@ -82,12 +84,17 @@ def uniform_soup(
     """Uniform (or weighted) soup: theta = sum_m w_m theta_m / sum_m w_m. The first model supplies config
     and tokenizer. Example: weights (1, 3) give 0.25 theta_1 + 0.75 theta_2.
 
-    `merge_kwargs` go to `merge_folders` (dtype, max_shard_size, compute_dtype, ...). For reward models use
-    `warm`, which checks that every input is one.
+    `merge_kwargs` go to `merge_folders` (dtype, max_shard_size, compute_dtype, overwrite, ...). Negative
+    weights extrapolate and need `allow_extrapolation=True`, as for lerp. For reward models use `warm`,
+    which checks that every input is one.
     """
     paths = [Path(m) for m in models]
     if len(paths) < 2:
         raise ValueError(f"a soup needs at least 2 models, got {len(paths)}.")
+    get_method("soup").check_inputs(
+        len(paths), weights, {}, allow_extrapolation=bool(merge_kwargs.get("allow_extrapolation"))
+    )
+    check_out(out, paths, bool(merge_kwargs.get("overwrite")))
     _check_soup_inputs(paths)
     # The first model doubles as merge_folders' init: linear's normalised coefficients give it weight 0
     # as the init, so only its config and tokenizer come from that role.
@@ -146,6 +153,7 @@ def warm(
     paths = [Path(m) for m in reward_models]
     if len(paths) < 2:
         raise ValueError(f"WARM averages at least 2 reward models, got {len(paths)}.")
+    check_out(out, paths, bool(merge_kwargs.get("overwrite")))
     for p in paths:
         check_reward_model(p)
     if not any((paths[0] / f).is_file() for f in _TOKENIZER_FILES):
@@ -185,18 +193,14 @@ def greedy_soup(
     0.92 > 0.9: kept; {B, C, A} scores 0.91: A left out. Result: the soup of B and C, score 0.92.
     The history (order, every score, kept flags, ingredients) is written to `out/warpkit_soup.json`; the
     folder appears at `out` only when complete. `merge_kwargs` go to `merge_folders` (`overwrite=True`
-    replaces an existing `out`).
+    replaces an earlier warpkit output at `out`; nothing else is ever replaced).
     """
     paths = [Path(m) for m in models]
     if not paths:
         raise ValueError("greedy_soup needs at least one model.")
-    out = Path(out)
     overwrite = bool(merge_kwargs.pop("overwrite", False))
     merge_kwargs.setdefault("progress", False)
-    if out.exists() and not overwrite:
-        raise ValueError(
-            f"out={out} already exists; remove it first (or pass overwrite=True; CLI --overwrite)."
-        )
+    out = check_out(out, paths, overwrite)
     if scores is not None and len(scores) != len(paths):
         raise ValueError(
             f"got {len(scores)} scores for {len(paths)} models; give one precomputed score per model, in "
@@ -209,25 +213,25 @@ def greedy_soup(
     order = sorted(range(len(paths)), key=lambda i: -scores[i])
     first = paths[order[0]]
     result = SoupResult(out, [first], scores[order[0]], [(str(first), scores[order[0]], True)], scores)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name), dir=out.parent))  # same filesystem: rename
-    try:
-        best_folder = _grow_soup(result, [paths[i] for i in order[1:]], score, work, merge_kwargs)
-        record = {
-            "warpkit_soup": 1,
-            "method": "greedy_soup",
-            "scorer": _describe(score),
-            "candidates": [{"path": str(p), "score": s} for p, s in zip(paths, scores, strict=True)],
-            "order": [str(paths[i]) for i in order],
-            "steps": _steps(result.history),
-            "ingredients": [str(p) for p in result.ingredients],
-            "score": result.score,
-        }
-        # Inside the folder before the rename: the soup and its history appear together or not at all.
-        (best_folder / SOUP_RECORD).write_text(json.dumps(record, indent=2, allow_nan=True) + "\n")
-        publish_dir(best_folder, out, overwrite=True)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with writing(out):  # a full disk is reported for `out`, not for a candidate folder
+        work = Path(tempfile.mkdtemp(prefix=temp_prefix(out.name), dir=out.parent))  # same filesystem: rename
+        try:
+            best_folder = _grow_soup(result, [paths[i] for i in order[1:]], score, work, merge_kwargs)
+            record = {
+                "warpkit_soup": 1,
+                "method": "greedy_soup",
+                "scorer": _describe(score),
+                "candidates": [{"path": str(p), "score": s} for p, s in zip(paths, scores, strict=True)],
+                "order": [str(paths[i]) for i in order],
+                "steps": _steps(result.history),
+                "ingredients": [str(p) for p in result.ingredients],
+                "score": result.score,
+            }
+            # Inside the folder before the rename: the soup and its history appear together or not at all.
+            (best_folder / SOUP_RECORD).write_text(json.dumps(record, indent=2, allow_nan=True) + "\n")
+            publish_dir(best_folder, out, overwrite=overwrite)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     return result
 
 

@@ -128,7 +128,8 @@ class ChunkStream:
                 str(c.path) for c, v in zip(self.inputs, views, strict=True) if not torch.isfinite(v).all()
             ]
             raise ValueError(
-                f"{name} has NaN or Inf weights in {bad or 'the task vectors'}; refusing to merge."
+                f"{name} has NaN or Inf weights in {bad or 'the task vectors'}; refusing to merge. Drop that "
+                "model or use an earlier checkpoint of it (a diverged run?)."
             )
         return gram
 

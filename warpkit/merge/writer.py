@@ -6,6 +6,7 @@ any order with one `pwrite` each and nothing is buffered; shards split by bytes 
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -69,7 +70,16 @@ class ShardedWriter:
         self.where: dict[str, tuple[int, int, int]] = {}  # name -> (fd, data offset, row bytes)
         self.weight_map: dict[str, str] = {}
         self.total_size = 0
-        self._fds = []
+        self._fds: list[int] = []
+        try:
+            self._allocate(names, shards)
+        except BaseException:
+            self.abort()
+            raise
+        self.n_shards = n
+
+    def _allocate(self, names: list[str], shards: list) -> None:
+        """Create each shard: its header written, its data region sized (a sparse file until written)."""
         for file, entries in zip(names, shards, strict=True):
             header: dict = {"__metadata__": {"format": "pt"}}
             offset = 0
@@ -83,9 +93,9 @@ class ShardedWriter:
                 offset += nbytes
             blob = json.dumps(header, separators=(",", ":")).encode()
             blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as safetensors writes it
-            fd = os.open(folder / file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = os.open(self.folder / file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             self._fds.append(fd)
-            os.pwrite(fd, len(blob).to_bytes(8, "little") + blob, 0)
+            _pwrite_all(fd, len(blob).to_bytes(8, "little") + blob, 0, f"the header of {file}")
             os.ftruncate(fd, 8 + len(blob) + offset)
             for name, dtype, shape in entries:
                 start = 8 + len(blob) + header[name]["data_offsets"][0]
@@ -93,14 +103,13 @@ class ShardedWriter:
                 self.where[name] = (fd, start, row_numel * torch.empty((), dtype=dtype).element_size())
                 self.weight_map[name] = file
             self.total_size += offset
-        self.n_shards = n
 
     def write(self, name: str, start_row: int, flat: torch.Tensor) -> None:
+        """Rows from `start_row` of `name` (`flat`: the rows flattened, in the planned dtype)."""
         fd, offset, row_bytes = self.where[name]
-        data = flat.contiguous().cpu().view(torch.uint8).numpy()
-        written = os.pwrite(fd, data, offset + start_row * row_bytes)
-        if written != data.nbytes:
-            raise OSError(f"short write for {name}: {written} of {data.nbytes} bytes.")
+        _pwrite_all(
+            fd, flat.contiguous().cpu().view(torch.uint8).numpy(), offset + start_row * row_bytes, name
+        )
 
     def close(self) -> None:
         for fd in self._fds:
@@ -113,6 +122,24 @@ class ShardedWriter:
                 "weight_map": dict(sorted(self.weight_map.items())),
             }
             (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    def abort(self) -> None:
+        """Close the shards without syncing (a failed merge: the caller removes the folder, and the space of
+        an unlinked file is freed only once it is closed)."""
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+
+def _pwrite_all(fd: int, data, offset: int, what: str) -> None:
+    """Write all of `data` at `offset`. A short write (the disk filling up) is retried for the rest, so the
+    OS reports why it stopped (ENOSPC); a write that makes no progress is reported as ENOSPC."""
+    view, done = memoryview(data).cast("B"), 0
+    while done < view.nbytes:
+        written = os.pwrite(fd, view[done:], offset + done)
+        if written <= 0:
+            raise OSError(errno.ENOSPC, f"short write for {what}: {done} of {view.nbytes} bytes, then none")
+        done += written
 
 
 def write_config(init: Checkpoint, folder: Path, dtype: torch.dtype | None) -> None:
