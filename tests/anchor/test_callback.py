@@ -409,3 +409,27 @@ def test_load_state_refuses_another_model(tmp_path):
     )
     with pytest.raises(ValueError, match=f"^{re.escape(want)}$"):
         other.load_state(tmp_path)
+
+
+def test_lora_on_the_embedding_is_averaged_exactly_in_a_real_run(tiny_model_factory, tmp_path):
+    """target_modules with embed_tokens: the anchor holds D_embed = float64 EMA of (s B_t @ A_t)^T."""
+    ema_rate, model_dir = 0.3, tiny_model_factory("llama", False)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"], init_lora_weights=False)
+    trainer = make_trainer(
+        "rloo", AutoModelForCausalLM.from_pretrained(model_dir), model_dir, tmp_path, peft_config=config,
+        learning_rate=2e-2, max_steps=2,
+    )  # fmt: skip
+    callback = EMAAnchorCallback(trainer, ema_rate=ema_rate)
+    embed = "base_model.model.model.embed_tokens"
+    names = [f"{embed}.lora_embedding_A.default", f"{embed}.lora_embedding_B.default"]
+    snaps = PolicySnapshots(trainer, names=names)
+    trainer.add_callback(callback)
+    trainer.add_callback(snaps)
+    trainer.train()
+
+    deltas = [{"d": (2.0 * s[names[1]] @ s[names[0]]).T} for s in snaps.snapshots]
+    want = ema_reference(deltas, ema_rate)["d"]
+    got = callback.anchor_state()[next(k for k in callback.anchor_state() if k.endswith("embed_tokens"))]
+    assert got.shape == want.shape == (50257, 32)
+    assert float((got.double() - want).abs().max()) < 1e-6 * max(1.0, float(want.abs().max()))
+    assert _max_diff(snaps.snapshots[-1], snaps.snapshots[0]) > 1e-4  # the embedding factors did move

@@ -41,12 +41,13 @@ def _move_default(model, seed: int) -> None:
 
 
 def _deltas(model) -> dict[str, torch.Tensor]:
-    """s B @ A of the "default" adapter in float64, by layer name."""
+    """s B @ A of the "default" adapter in float64, by Linear layer name (embeddings: `_embedding_delta`)."""
     return {
         name: SCALING
         * m.lora_B["default"].weight.detach().double()
         @ m.lora_A["default"].weight.detach().double()
         for name, m in lora_layers(model)
+        if "default" in m.lora_B
     }
 
 
@@ -137,3 +138,73 @@ def test_unsupported_adapters_are_refused(config, message, tiny_llama_dir):
 def test_bad_lora_mode(tiny_llama_dir):
     with pytest.raises(ValueError, match="lora_mode must be 'exact' or 'factors'"):
         lora_layout(_peft(tiny_llama_dir), "average")
+
+
+# ---- LoRA on the embedding: peft keeps its factors in lora_embedding_A (r x vocab) / lora_embedding_B ------
+EMBED = "base_model.model.model.embed_tokens"
+
+
+def _embedding_delta(model, adapter: str = "default") -> torch.Tensor:
+    """(s B @ A)^T in float64: the embedding's delta, vocab x hidden like the embedding weight."""
+    m = model.get_submodule(EMBED)
+    b, a = m.lora_embedding_B[adapter].detach().double(), m.lora_embedding_A[adapter].detach().double()
+    return (SCALING * b @ a).T
+
+
+@pytest.fixture
+def untied_llama(tiny_model_factory):
+    return tiny_model_factory("llama", False)
+
+
+def test_embedding_lora_is_in_the_exact_anchor_and_in_the_reference_forward(untied_llama):
+    """Exact support: D_embed = EMA of (s B @ A)^T, and the "ref" forward is the plain model W0 + D (the
+    embedding used to be left out of the EMA without a word)."""
+    model = _peft(untied_llama, target_modules=["q_proj", "embed_tokens"])
+    assert next(n for n, _ in lora_layers(model)) == EMBED
+    ref = {n: p for n, p in model.named_parameters() if n.startswith(f"{EMBED}.lora_embedding_")}
+    assert sorted(ref) == [f"{EMBED}.lora_embedding_{x}.{a}" for x in "AB" for a in ("default", "ref")]
+    assert not ref[f"{EMBED}.lora_embedding_A.ref"].requires_grad
+    assert torch.equal(ref[f"{EMBED}.lora_embedding_A.ref"], ref[f"{EMBED}.lora_embedding_A.default"])
+
+    layout = lora_layout(model, "exact")
+    layout.reset_to_policy()
+    start = {EMBED: _embedding_delta(model), **_deltas(model)}
+    _move_default(model, 1)
+    moved = {EMBED: _embedding_delta(model), **_deltas(model)}
+    layout.update(0.3)
+    state = layout.state_dict()
+    assert sorted(state) == sorted(moved) and state[EMBED].shape == (50257, 32)
+    want = {n: 0.7 * start[n] + 0.3 * moved[n] for n in start}
+    for name, d in want.items():  # fp32 state: relative to the size of D (the embedding's entries reach ~10)
+        assert float((state[name].double() - d).abs().max()) < 1e-6 * max(1.0, float(d.abs().max())), name
+
+    plain = AutoModelForCausalLM.from_pretrained(untied_llama, dtype=torch.float64)
+    with torch.no_grad():
+        for name, d in want.items():
+            plain.get_submodule(name.removeprefix("base_model.model.")).weight.add_(d)
+        with use_adapter(model, "ref"):
+            ref_logits = model(input_ids=INPUT_IDS).logits.double()
+        expected = plain(input_ids=INPUT_IDS).logits
+    assert float((ref_logits - expected).abs().max()) < 1e-4
+
+
+def test_embedding_lora_factors_are_averaged_in_factors_mode(untied_llama):
+    model = _peft(untied_llama, target_modules=["q_proj", "embed_tokens"])
+    layout = lora_layout(model, "factors")
+    assert f"{EMBED}.lora_A" in layout.names and f"{EMBED}.lora_B" in layout.names
+    layout.reset_to_policy()
+    m = model.get_submodule(EMBED)
+    start = {x: getattr(m, f"lora_embedding_{x}")["default"].detach().double().clone() for x in "AB"}
+    _move_default(model, 1)
+    layout.update(0.3)
+    for x in "AB":
+        factors = getattr(m, f"lora_embedding_{x}")
+        want = 0.7 * start[x] + 0.3 * factors["default"].detach().double()
+        assert float((factors["ref"].detach().double() - want).abs().max()) < 1e-6, x
+
+
+def test_embedding_lora_with_max_norm_is_refused(untied_llama):
+    model = _peft(untied_llama, target_modules=["embed_tokens"])
+    model.get_submodule(EMBED).get_base_layer().max_norm = 1.0
+    with pytest.raises(ValueError, match=r"embed_tokens: an Embedding with max_norm .* Leave this layer out"):
+        lora_layers(model)

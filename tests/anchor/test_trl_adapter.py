@@ -109,3 +109,118 @@ def test_resume_hook_records_then_loads(real_trainer, tmp_path, monkeypatch):
     checkpoint = str(tmp_path / "checkpoint-2")  # no optimizer file in it: the Trainer's method loads nothing
     assert real_trainer._load_optimizer_and_scheduler(checkpoint) is None
     assert calls == [("record", checkpoint), ("load", checkpoint)]
+
+
+# ---- which trainers: TRL's GRPOTrainer and RLOOTrainer (and subclasses); every other Trainer by name --------
+SUPPORTED = "EMAAnchorCallback supports TRL's GRPOTrainer and RLOOTrainer (and their subclasses), not "
+
+
+def _trl_class(name: str):
+    import trl
+    from trl.experimental.online_dpo import OnlineDPOTrainer
+
+    return OnlineDPOTrainer if name == "OnlineDPOTrainer" else getattr(trl, name)
+
+
+@pytest.fixture(scope="module")
+def preference_parts(tmp_path_factory):
+    """A tiny llama folder, its tokenizer, and one-row datasets for the preference trainers."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from warpkit.testing import save_tiny_model
+
+    folder = save_tiny_model(tmp_path_factory.mktemp("pref") / "llama", "llama", num_layers=1)
+    pairs = Dataset.from_dict({"prompt": ["The movie was"], "chosen": [" great"], "rejected": [" bad"]})
+    prompts = Dataset.from_dict({"prompt": ["The movie was", "I think that"]})
+    return folder, AutoTokenizer.from_pretrained(folder), pairs, prompts
+
+
+def test_real_dpo_trainer_is_refused_by_name(preference_parts, tmp_path):
+    """DPOTrainer has `args`, `beta` and `_metrics`: the old `hasattr(trainer, "beta")` check let it in."""
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    folder, tokenizer, pairs, _ = preference_parts
+    args = DPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_steps=1)
+    trainer = DPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(folder),
+        args=args,
+        train_dataset=pairs,
+        processing_class=tokenizer,
+    )
+    with pytest.raises(TypeError, match=re.escape(SUPPORTED + "DPOTrainer: it is offline preference")):
+        EMAAnchorCallback(trainer)
+
+
+def test_real_online_dpo_trainer_with_lora_is_refused_by_name(preference_parts, tmp_path):
+    """With a peft_config, OnlineDPOTrainer reads its reference with the adapters disabled: the anchor would be
+    ignored without a word."""
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+    from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+
+    folder, tokenizer, _, prompts = preference_parts
+    args = OnlineDPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_steps=1)
+    trainer = OnlineDPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(folder),
+        reward_funcs=lambda completions, **_: [1.0] * len(completions),
+        args=args,
+        train_dataset=prompts,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, target_modules=["q_proj"]),
+    )
+    assert trainer.ref_model is None and trainer.beta > 0
+    with pytest.raises(TypeError, match=re.escape(SUPPORTED + "OnlineDPOTrainer: with LoRA (a peft_config)")):
+        EMAAnchorCallback(trainer)
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("DPOTrainer", "it is offline preference optimisation"),
+        (
+            "OnlineDPOTrainer",
+            "with LoRA (a peft_config) it computes its reference with the adapters disabled",
+        ),
+        (
+            "KTOTrainer",
+            "warpkit knows how the KL reference of those two trainers is computed, and of no other",
+        ),
+        ("SFTTrainer", "warpkit knows how the KL reference of those two trainers is computed"),
+        ("RewardTrainer", "warpkit knows how the KL reference of those two trainers is computed"),
+    ],
+)
+@pytest.mark.parametrize("build", [TrainerAdapter, EMAAnchorCallback], ids=["adapter", "callback"])
+def test_other_trl_trainers_are_refused_by_name(build, name, why):
+    """Instances of TRL's real classes (built without their `__init__`) and of subclasses, named in the error
+    with the reason and the fix."""
+    cls = _trl_class(name)
+    subclass = type(f"My{name}", (cls,), {})
+    for trainer_cls in (cls, subclass):
+        trainer = trainer_cls.__new__(trainer_cls)  # `beta` is a class property of some: nothing is set
+        with pytest.raises(TypeError) as info:
+            build(trainer)
+        message = str(info.value)
+        assert message.startswith(f"{SUPPORTED}{trainer_cls.__name__}: {why}"), message
+        assert message.endswith("Train with RLOOTrainer or GRPOTrainer (as `warpkit train` and `warpkit.loop.rl` "
+                                "do), or leave the callback out.")  # fmt: skip
+
+
+def test_subclasses_of_the_supported_trainers_are_accepted(tiny_llama_dir, tmp_path):
+    from transformers import AutoTokenizer
+    from trl import RLOOTrainer
+
+    from tests.anchor.scripts.common import length_reward, make_config, prompt_dataset
+
+    class MyRLOO(RLOOTrainer):
+        pass
+
+    trainer = MyRLOO(
+        model=str(tiny_llama_dir),
+        reward_funcs=length_reward,
+        args=make_config("rloo", tmp_path),
+        train_dataset=prompt_dataset(),
+        processing_class=AutoTokenizer.from_pretrained(tiny_llama_dir),
+    )
+    assert EMAAnchorCallback(trainer).trainer is trainer

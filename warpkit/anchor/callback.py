@@ -52,7 +52,8 @@ class EMAAnchorCallback(TrainerCallback):
     averaged tensors) and `anchor/update_seconds`, at logging steps.
 
     Raises:
-        TypeError: `trainer` is not a TRL online trainer (no `args` or `beta`).
+        TypeError: `trainer` is not a `GRPOTrainer` / `RLOOTrainer` (or subclass): other TRL trainers are
+            refused by name (`trl_adapter.check_trainer`).
         ValueError: a bad argument, beta == 0, `sync_ref_model=True`, no reference, an unsupported adapter.
         TrlInternalsError: the installed TRL lacks an internal the anchor relies on (see `trl_adapter`).
     """
@@ -60,11 +61,9 @@ class EMAAnchorCallback(TrainerCallback):
     def __init__(
         self, trainer: Any, ema_rate: float = 0.01, update_every: int = 1, *, lora_mode: LoraMode = "exact"
     ) -> None:
-        if getattr(trainer, "args", None) is None or not hasattr(trainer, "beta"):
-            raise TypeError(
-                f"EMAAnchorCallback needs a TRL GRPOTrainer or RLOOTrainer instance, got {type(trainer).__name__}."
-            )
-        self.adapter = TrainerAdapter(trainer)  # fails loudly here if TRL's internals moved
+        self.adapter = TrainerAdapter(
+            trainer
+        )  # refuses other trainers, and fails loudly if TRL's internals moved
         _check_arguments(trainer, ema_rate, update_every, lora_mode)
         _warn_if_anchor_is_stale(trainer.args)
         self.trainer = trainer

@@ -18,6 +18,14 @@ Private touch points (each is needed because callbacks are given neither the tra
    way to learn which checkpoint a resumed `train()` loads: callbacks are not told, and the folder may lie
    outside `output_dir`.
 
+The trainers the anchor supports are TRL's `GRPOTrainer` and `RLOOTrainer` and their subclasses
+(`check_trainer`): what they do with `ref_model`, the `"ref"` adapter and `beta` was read for 1.16. Every
+other `transformers.Trainer` is refused by its class name: `DPOTrainer` (offline; with `precompute_ref_log_probs`
+or PEFT it never runs a reference model the anchor could move), `OnlineDPOTrainer` (with LoRA it computes its
+reference with the adapters disabled, so the anchor would be silently ignored), and the rest (SFT, reward,
+KTO, distillation... trainers have no KL reference the anchor knows how to move). Objects that are not a
+`Trainer` at all pass when they carry `args` and `beta`: the stand-ins of warpkit's tests and benchmarks.
+
 Conventions read from TRL 1.16 that are public but TRL-specific:
 
 - `REF_ADAPTER = "ref"`: with a `PeftModel` and beta > 0, TRL computes the reference log-probs under the
@@ -32,26 +40,72 @@ from collections.abc import Callable, Mapping
 from importlib import metadata
 from typing import Any
 
-__all__ = ["ADAPTER_FILE", "REF_ADAPTER", "TRL_VERSION", "TrainerAdapter", "TrlInternalsError"]
+__all__ = [
+    "ADAPTER_FILE",
+    "REF_ADAPTER",
+    "SUPPORTED_TRAINERS",
+    "TRL_VERSION",
+    "TrainerAdapter",
+    "TrlInternalsError",
+    "check_trainer",
+]
 
 TRL_VERSION = "1.16.0"  # the TRL release these touch points were read from
 TRANSFORMERS_VERSION = "5.24.0"  # the transformers release `_load_optimizer_and_scheduler` was read from
 ADAPTER_FILE = "warpkit/anchor/trl_adapter.py"  # the one file to update when TRL changes these internals
 REF_ADAPTER = "ref"  # TRL's name for the PEFT adapter its reference forward runs under
+SUPPORTED_TRAINERS = ("GRPOTrainer", "RLOOTrainer")  # TRL's classes (and subclasses) the anchor supports
+# Why a trainer of TRL's is refused, by class name; others get the generic reason.
+_WHY_NOT = {
+    "DPOTrainer": "it is offline preference optimisation, and with precompute_ref_log_probs or a PeftModel it "
+    "runs no reference model the anchor could move",
+    "OnlineDPOTrainer": "with LoRA (a peft_config) it computes its reference with the adapters disabled "
+    "(`model.disable_adapter()`), so the anchor would be silently ignored",
+}
+_WHY_NOT_OTHERS = "warpkit knows how the KL reference of those two trainers is computed, and of no other"
 
 
 class TrlInternalsError(RuntimeError):
     """The trainer lacks a TRL/Trainer internal that `EMAAnchorCallback` relies on (a TRL version change)."""
 
 
+def check_trainer(trainer: Any) -> None:
+    """Refuse a trainer the anchor does not support, naming its class and why (TypeError).
+
+    Accepted: TRL's `GRPOTrainer` and `RLOOTrainer` and their subclasses, and objects that are no
+    `transformers.Trainer` at all but carry `args` and `beta` (stand-ins of tests and benchmarks).
+    """
+    from transformers import Trainer
+
+    if not isinstance(trainer, Trainer):
+        if getattr(trainer, "args", None) is None or not hasattr(trainer, "beta"):
+            raise TypeError(
+                f"EMAAnchorCallback needs a TRL GRPOTrainer or RLOOTrainer instance, got {type(trainer).__name__}."
+            )
+        return
+    from trl import GRPOTrainer, RLOOTrainer
+
+    if isinstance(trainer, (GRPOTrainer, RLOOTrainer)):
+        return
+    names = [c.__name__ for c in type(trainer).__mro__]
+    why = next((_WHY_NOT[n] for n in names if n in _WHY_NOT), _WHY_NOT_OTHERS)
+    raise TypeError(
+        f"EMAAnchorCallback supports TRL's GRPOTrainer and RLOOTrainer (and their subclasses), not "
+        f"{type(trainer).__name__}: {why}. Train with RLOOTrainer or GRPOTrainer (as `warpkit train` and "
+        "`warpkit.loop.rl` do), or leave the callback out."
+    )
+
+
 class TrainerAdapter:
     """The anchor's access to a TRL `GRPOTrainer` / `RLOOTrainer`'s private internals, checked on construction.
 
-    Raises `TrlInternalsError` when `trainer._metrics` is not a dict with a `"train"` dict of metric lists, or
+    Raises TypeError for a trainer the anchor does not support (`check_trainer`), and `TrlInternalsError` when
+    `trainer._metrics` is not a dict with a `"train"` dict of metric lists, or
     `trainer._load_optimizer_and_scheduler` is not a method.
     """
 
     def __init__(self, trainer: Any) -> None:
+        check_trainer(trainer)
         store = getattr(trainer, "_metrics", None)
         if not isinstance(store, dict) or not isinstance(store.get("train"), dict):
             raise TrlInternalsError(

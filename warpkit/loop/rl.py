@@ -15,12 +15,13 @@ import json
 import logging
 import shutil
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from warpkit._util.config import load_yaml_mapping
 from warpkit._util.files import publish_dir, write_atomic
+from warpkit.loop.rewards import FiniteReward, check_reward_models, finite_reward
 from warpkit.workloads import load_prompt_dataset, resolve_model_path, reward_spec
 
 __all__ = [
@@ -87,9 +88,14 @@ class RLArguments:
             self.reward_funcs = [self.reward_funcs]
 
 
-def reward_funcs(specs: Sequence[str]) -> list[str | Callable]:
-    """TRL's `reward_funcs`: callables for `'module:function'`, folder paths (TRL loads reward models)."""
-    return [f if callable(f) else str(f) for f in (reward_spec(spec) for spec in specs)]
+def reward_funcs(specs: Sequence[str]) -> list[str | FiniteReward]:
+    """TRL's `reward_funcs`: callables for `'module:function'`, each wrapped in `FiniteReward` (a NaN, inf or
+    None reward raises, naming the spec and the completion), and folder paths (TRL loads reward models;
+    `build_trainer` checks their scores with `check_reward_models`)."""
+    return [
+        finite_reward(f, spec) if callable(f) else str(f)
+        for f, spec in ((reward_spec(spec), spec) for spec in specs)
+    ]
 
 
 def _config_class(algorithm: str):
@@ -98,29 +104,56 @@ def _config_class(algorithm: str):
     return {"rloo": RLOOConfig, "grpo": GRPOConfig}[algorithm]
 
 
+def _flag_value(argv: Sequence[str], flag: str) -> str | None:
+    """The value of ``flag`` as argparse reads it, ``--flag VALUE`` or ``--flag=VALUE`` (the last one wins)."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(f"{flag}="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def _split_config_flag(argv: Sequence[str]) -> list[str]:
+    """``--config=x.yaml`` as ``--config x.yaml``: TrlParser finds its config file by the bare flag only."""
+    out: list[str] = []
+    for arg in argv:
+        out += ["--config", arg.split("=", 1)[1]] if arg.startswith("--config=") else [arg]
+    return out
+
+
 def _peek_algorithm(argv: Sequence[str]) -> str:
-    """The config class depends on the algorithm, so read it before the full parse."""
-    argv = list(argv)
-    if "--algorithm" in argv:
-        return argv[argv.index("--algorithm") + 1]
-    if "--config" in argv:
-        return load_yaml_mapping(argv[argv.index("--config") + 1], "run config").get("algorithm", "rloo")
+    """The config class depends on the algorithm, so read it before the full parse: ``--algorithm X`` or
+    ``--algorithm=X`` on the command line, else the ``--config`` file's ``algorithm``, else rloo."""
+    algorithm = _flag_value(argv, "--algorithm")
+    if algorithm is not None:
+        return algorithm
+    config = _flag_value(argv, "--config")
+    if config is not None:
+        return str(load_yaml_mapping(config, "run config").get("algorithm", "rloo"))
     return "rloo"
 
 
 def parse_args(argv: Sequence[str] | None = None):
     """(RLArguments, RLOOConfig | GRPOConfig, ModelConfig) from `--config run.yaml` plus CLI overrides.
 
-    Unknown fields are refused (TrlParser's `fail_with_unknown_args`).
+    Unknown fields are refused (TrlParser's `fail_with_unknown_args`). `--flag value` and `--flag=value` both
+    work, for `--config` and `--algorithm` too.
     """
     from trl import ModelConfig, TrlParser
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _split_config_flag(sys.argv[1:] if argv is None else argv)
     algorithm = _peek_algorithm(argv)
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm={algorithm!r}: choose one of {ALGORITHMS}.")
-    parser = TrlParser((RLArguments, _config_class(algorithm), ModelConfig))
-    return parser.parse_args_and_config(argv)
+    for _ in range(2):  # parsed again only when argparse read another algorithm (an abbreviated flag)
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm={algorithm!r}: choose one of {ALGORITHMS}.")
+        parser = TrlParser((RLArguments, _config_class(algorithm), ModelConfig))
+        parsed = parser.parse_args_and_config(argv)
+        if parsed[0].algorithm == algorithm:
+            return parsed
+        algorithm = parsed[0].algorithm
+    raise AssertionError(f"the algorithm of {argv} changed between two parses")
 
 
 def check_settings(run: dict) -> RLArguments:
@@ -190,13 +223,16 @@ def build_trainer(rl_args: RLArguments, training_args, model_args):
         # prompt order only, as in the paper.
         dataset = dataset.shuffle(seed=training_args.data_seed)
     trainer_cls = {"rloo": RLOOTrainer, "grpo": GRPOTrainer}[rl_args.algorithm]
+    rewards = reward_funcs(rl_args.reward_funcs)
+    names = [r if isinstance(r, str) else r.name for r in rewards]  # TRL replaces folders by models in place
     trainer = trainer_cls(
         model=model,
-        reward_funcs=reward_funcs(rl_args.reward_funcs),
+        reward_funcs=rewards,
         args=training_args,
         train_dataset=dataset,
         processing_class=tokenizer,
     )
+    check_reward_models(trainer, names)
     if rl_args.anchor == "ema":
         from warpkit.anchor import EMAAnchorCallback
 
