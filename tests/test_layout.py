@@ -124,3 +124,28 @@ def test_merge_methods_are_listed_only_by_the_registry():
     }
     assert unexpected == {}, "method names written outside the registry (file, name): line"
     assert set(METHOD_NAME_USES) <= set(uses), "stale allowance in METHOD_NAME_USES"
+
+
+def test_the_readme_tree_names_every_module():
+    """README's Layout block lists each module under its package (a new module without a line fails here)."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    block = readme.split("## Layout", 1)[1].split("```")[1]
+    sections: dict[str, str] = {}
+    package = ""
+    for line in block.splitlines():
+        stripped = line.strip()
+        if line.startswith("  ") and not line.startswith("    ") and stripped.split(" ")[0].endswith("/"):
+            package = stripped.split(" ")[0].rstrip("/")
+        elif not line.startswith(" "):
+            package = "<top>"
+        sections[package] = sections.get(package, "") + line + "\n"
+    missing = []
+    for path in _modules():
+        rel = path.relative_to(PACKAGE)
+        if path.name == "__init__.py" or rel.parts[0] == "_util":
+            continue  # packages are described as a whole; _util by its chores
+        where = rel.parts[0] if len(rel.parts) > 1 else "warpkit"
+        text = sections.get(where, "") if len(rel.parts) > 1 else block
+        if path.name not in text:
+            missing.append(str(rel))
+    assert missing == [], f"README's Layout does not name {missing}"

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.loop.conftest import warpkit_cli
 from tests.loop.fakes import fake_policy_state, fake_train, tiny_config
 from warpkit.loop import driver
 from warpkit.loop.config import WarpConfig, load_config
@@ -249,33 +250,14 @@ def test_config_docstring_covers_every_field():
 # ----------------------------------------------------------------------------- real runs through accelerate
 
 
-def _warpkit(*args: str, env: dict[str, str], timeout: int = 1200) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "warpkit.cli", *args]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture
-def hermetic_env(tmp_path) -> dict[str, str]:
-    import os
-
-    return {
-        **os.environ,
-        "WARPKIT_CACHE": str(tmp_path / "cache"),
-        "PYTHONPATH": str(REPO),
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-    }
-
-
 @pytest.mark.slow
-def test_warp_tiny_end_to_end_through_accelerate(tmp_path, hermetic_env):
+def test_warp_tiny_end_to_end_through_accelerate(warp_tiny_run):
     """`warpkit train configs/warp_tiny.yaml`: I=2, M=2 real RLOO runs, each an `accelerate launch` subprocess."""
     import json
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = tmp_path / "warp"
-    first = _warpkit("train", "configs/warp_tiny.yaml", "--output_dir", str(out), env=hermetic_env)
+    out, first, hermetic_env = warp_tiny_run
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     manifest = json.loads((out / "warp_manifest.json").read_text())["steps"]
     assert {f"iter_{i}/run_{m}" for i in (1, 2) for m in (1, 2)} <= set(manifest)
@@ -302,7 +284,7 @@ def test_warp_tiny_end_to_end_through_accelerate(tmp_path, hermetic_env):
     assert ids.shape[1] == len(tokenizer("the film is").input_ids) + 4
     logs = {p: p.stat().st_size for p in out.rglob("train.log")}
 
-    again = _warpkit("train", "configs/warp_tiny.yaml", "--output_dir", str(out), env=hermetic_env)
+    again = warpkit_cli("train", "configs/warp_tiny.yaml", "--output_dir", str(out), env=hermetic_env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "nothing to do" in again.stderr and "frontier: done (manifest)" in again.stderr
     assert {p: p.stat().st_size for p in out.rglob("train.log")} == logs  # no run was launched
@@ -314,7 +296,7 @@ def test_run_with_two_cpu_processes(tmp_path, hermetic_env):
     import json
 
     out = tmp_path / "warp2"
-    result = _warpkit(
+    result = warpkit_cli(
         "train", "configs/warp_tiny.yaml", "--output_dir", str(out), "--iterations", "1", "--num_policies", "1",
         "--accelerate_config", "accelerate_configs/cpu_multi_process.yaml", "--num_processes", "2",
         "--rl.per_device_train_batch_size", "2", "--rl.max_steps", "2",

@@ -75,6 +75,20 @@ def test_resuming_a_finished_run_trains_no_extra_step(finished_run, tmp_path):
     _same_policy(out, finished_run)
 
 
+def test_a_policy_save_killed_midway_leaves_nothing_after_the_rerun(finished_run, tmp_path):
+    """Killed while saving the policy: the rerun publishes the finished checkpoint (never reaching
+    save_policy) and still removes the half-written `.policy.tmp-save` (the chaos test found it left)."""
+
+    def half_saved(out: Path) -> None:
+        tmp = out / ".policy.tmp-save"
+        tmp.mkdir()
+        (tmp / "model.safetensors").write_bytes(b"\0" * 100)
+
+    out, info = _rerun(finished_run, tmp_path, half_saved)
+    assert info["global_step"] == 3 and not (out / ".policy.tmp-save").exists()
+    _same_policy(out, finished_run)
+
+
 @pytest.mark.parametrize("damage", ["truncated weights", "optimizer size", "no trainer_state"])
 def test_a_damaged_last_checkpoint_falls_back_to_the_one_before(finished_run, tmp_path, caplog, damage):
     def cut(out: Path) -> None:

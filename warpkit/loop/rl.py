@@ -242,16 +242,21 @@ def build_trainer(rl_args: RLArguments, training_args, model_args):
     return trainer
 
 
+def _policy_tmp(output_dir: Path) -> Path:
+    """Where `save_policy` writes before the rename: one fixed name, since every rank writes into it."""
+    return output_dir / f".{POLICY_DIRNAME}.tmp-save"
+
+
 def save_policy(trainer, output_dir: str | Path) -> Path:
     """Save the final policy to `output_dir/policy` atomically: all ranks write a temp folder, rank 0 renames.
 
     The temp folder has a fixed name (every rank must write into the same one), removed first if a crash left it.
     """
     output_dir = Path(output_dir)
-    final, tmp = output_dir / POLICY_DIRNAME, output_dir / f".{POLICY_DIRNAME}.tmp-save"
+    final, tmp = output_dir / POLICY_DIRNAME, _policy_tmp(output_dir)
     accelerator = trainer.accelerator
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     trainer.save_model(str(tmp))  # collective under DeepSpeed: every rank takes part
     accelerator.wait_for_everyone()
@@ -271,6 +276,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     trainer = build_trainer(rl_args, training_args, model_args)
     trainer.add_callback(CheckpointRecord())
     output_dir, accelerator = Path(training_args.output_dir), trainer.accelerator
+    if accelerator.is_main_process:  # a save killed mid-way; a resumed run may never reach save_policy
+        shutil.rmtree(_policy_tmp(output_dir), ignore_errors=True)
     resume = resume_point(output_dir, with_anchor=rl_args.anchor == "ema")
     if resume is not None and finished_step(resume):  # killed after its last checkpoint: nothing to train
         done = publish_finished(resume, output_dir / POLICY_DIRNAME) if accelerator.is_main_process else True
