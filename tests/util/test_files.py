@@ -128,6 +128,22 @@ def test_file_lock_is_released_when_the_holder_is_killed(tmp_path):
         assert time.monotonic() - start < 5
 
 
+def test_staged_files_remove_what_a_killed_writer_left(tmp_path):
+    """`warpkit frontier` killed while writing frontier.json leaves its staging folder; the next write removes it."""
+    folder = tmp_path / "frontier"
+    folder.mkdir()
+    dead = subprocess.run(
+        [sys.executable, "-c", "from warpkit._util.files import temp_prefix; print(temp_prefix('frontier'))"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    (folder / f"{dead}abc").mkdir()
+    (folder / f"{dead}abc" / "frontier.json").write_text("{half")
+    (folder / "notes.txt").write_text("the user's")
+    with staged_files(folder) as tmp:
+        (tmp / "frontier.json").write_text("{}")
+    assert sorted(p.name for p in folder.iterdir()) == ["frontier.json", "notes.txt"]
+
+
 def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
     """A temporary is tagged with its owner; only a dead owner's (on this machine) is removed."""
     dead = subprocess.run(

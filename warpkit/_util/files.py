@@ -134,10 +134,12 @@ def staged_files(folder: str | Path) -> Iterator[Path]:
     """Yield a temporary folder inside `folder`; on success each file in it replaces its namesake in `folder`.
 
     For outputs that share a folder with other files (e.g. frontier.json beside a user's notes): each file
-    appears whole or not at all, and nothing else in `folder` is touched.
+    appears whole or not at all, and nothing else in `folder` is touched (but the staging folders of
+    writers killed earlier, which are removed first).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(folder, {folder.name})  # what a killed earlier writer of this folder left
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(folder.name), dir=folder))
     try:
         yield tmp
