@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from warpkit._util.config import ConfigError, apply_overrides, build_dataclass, load_yaml_mapping
+from warpkit.loop.slurm import SlurmConfig
 from warpkit.merge.math import GRANULARITIES, check_eta
 from warpkit.merge.methods import get_method
 
@@ -21,6 +22,7 @@ __all__ = ["DRIVER_RL_FIELDS", "ENGINE_MERGE_KWARGS", "WarpConfig", "load_config
 DRIVER_RL_FIELDS = ("model_name_or_path", "output_dir", "data_seed")
 # Engine settings that `merge_kwargs` may carry besides the method's own parameters.
 ENGINE_MERGE_KWARGS = ("compute_dtype", "dtype", "max_shard_size")
+LAUNCHERS = ("local", "slurm")
 _EXTRAPOLATE = "set allow_extrapolation: true (YAML) or --allow_extrapolation true"
 
 
@@ -60,6 +62,11 @@ class WarpConfig:
             (1 - η) sft + η merged_i of every iteration over `frontier_etas`; each baseline's trajectory).
             The generated config is kept as `frontier.yaml`; results go to `frontier/`.
         frontier_etas: the η grid of each iteration's LITI front in the frontier evaluation.
+        launcher: `local` (each run an `accelerate launch` subprocess on this machine) or `slurm` (each run
+            a SLURM job; see `slurm`).
+        slurm: with `launcher: slurm`, the fields of `warpkit.loop.slurm.SlurmConfig` (partition, account,
+            qos, time, nodes, gpus_per_node, cpus_per_task, mem, extra_sbatch, setup, python, max_retries,
+            poll_seconds), e.g. `--slurm.partition gpu`.
         frontier_policies: more frontier policy entries drawn on the same plot, e.g. the M = 1 ablation from
             another output_dir: `{name: warp-m1, method: warp_m1, liti: {init: ..., merged: .../iter_2/merged}}`.
     """
@@ -84,8 +91,17 @@ class WarpConfig:
     frontier: dict[str, Any] | None = None
     frontier_etas: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.3, 0.5, 0.8, 1.0])
     frontier_policies: list[dict[str, Any]] = field(default_factory=list)
+    launcher: str = "local"
+    slurm: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        if self.launcher not in LAUNCHERS:
+            raise ConfigError(f"launcher={self.launcher!r}: choose one of {list(LAUNCHERS)}.")
+        if self.slurm is not None and self.launcher != "slurm":
+            raise ConfigError(
+                "a slurm section is set but launcher is local; set launcher: slurm (or remove it)."
+            )
+        self.slurm_config()  # its types and ranges, now
         if self.iterations < 1:
             raise ConfigError(f"iterations={self.iterations}: WARP needs at least one iteration (I >= 1).")
         if self.num_policies < 1:
@@ -137,6 +153,12 @@ class WarpConfig:
             reserved = set(DRIVER_RL_FIELDS) & set(rl)
             if reserved:
                 raise ConfigError(f"{section}.{sorted(reserved)[0]} is set by the driver per run; remove it.")
+
+    def slurm_config(self) -> SlurmConfig | None:
+        """The `slurm` section as a checked `SlurmConfig` (None with the local launcher)."""
+        if self.launcher != "slurm":
+            return None
+        return build_dataclass(SlurmConfig, self.slurm or {}, "slurm")
 
     def rl_sections(self) -> list[tuple[str, dict[str, Any]]]:
         """("rl", the shared run settings) and ("baselines[<name>].rl", each baseline's overrides)."""

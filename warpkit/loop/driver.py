@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import math
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -76,12 +77,14 @@ def run_warp(
     train_fn: TrainFn | None = None,
     merge_fn: MergeFn | None = None,
     validate: Callable[[WarpConfig], None] | None = None,
+    detach: bool = False,
 ) -> Path:
     """Run (or finish) Algorithm 1 and return the final init folder.
 
     Layout of `output_dir`: `iter_i/run_m/` (a TRL output_dir; `policy/` is the run's final policy),
     `iter_i/merged/` (SLERP of the M policies), `iter_i/next_init/` (LITI: the next iteration's init),
     `front/eta_X/` when `front_etas` is set, `baselines/<name>/`, `frontier/`, and `warp_manifest.json`.
+    `detach`: with `launcher: slurm`, an interrupted driver leaves its jobs running (re-attached next time).
     """
     out = Path(config.output_dir).resolve()
     check_output_dir(out)
@@ -96,21 +99,21 @@ def run_warp(
         out.mkdir(parents=True, exist_ok=True)
         if not locked:  # a new folder: nothing written before every check passed
             stack.enter_context(hold_lock(out / LOCK_NAME, f"output_dir {out}"))
-        return _run_locked(config, out, sft, train_fn, merge_fn)
+        return _run_locked(config, out, sft, train_fn, merge_fn, detach)
 
 
 def _run_locked(
-    config: WarpConfig, out: Path, sft: Path, train_fn: TrainFn | None, merge_fn: MergeFn | None
+    config: WarpConfig, out: Path, sft: Path, train_fn: TrainFn | None, merge_fn: MergeFn | None, detach: bool
 ) -> Path:
     """Algorithm 1 in `out`, which this process holds locked: stale temporaries first, then every step."""
     for folder in [out, *(p for p in out.rglob("*") if p.is_dir())]:
         for stale in remove_stale_temporaries(folder):
             log.info("removed %s, left by an interrupted run", stale)
     write_atomic(out / "warp_config.yaml", yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    manifest = Manifest(out / MANIFEST_NAME)
+    slots, default_train = _launcher(config, manifest, detach)
     loop = _Loop(
-        config, out, sft, fingerprint(tree_digest(sft)), Manifest(out / MANIFEST_NAME),
-        gpu_slots(visible_gpus(), config.gpus_per_run or config.num_processes),
-        train_fn or accelerate_launcher(config.accelerate_config, config.num_processes),
+        config, out, sft, fingerprint(tree_digest(sft)), manifest, slots, train_fn or default_train,
         merge_fn or default_merge,
     )  # fmt: skip
     init, init_hash = sft, loop.sft_hash
@@ -125,6 +128,20 @@ def _run_locked(
     loop.manifest.save()
     _report(loop, init)
     return init
+
+
+def _launcher(config: WarpConfig, manifest: Manifest, detach: bool) -> tuple[list[list[int]], TrainFn]:
+    """(slots, train function) of the configured launcher: local GPU slots and `accelerate launch`, or one
+    slot per run side by side with each run a SLURM job (the scheduler places them)."""
+    slurm = config.slurm_config()
+    if slurm is None:
+        slots = gpu_slots(visible_gpus(), config.gpus_per_run or config.num_processes)
+        return slots, accelerate_launcher(config.accelerate_config, config.num_processes)
+    from warpkit.loop.scheduler import SlurmLauncher
+
+    launcher = SlurmLauncher(slurm, config.accelerate_config, manifest, Path.cwd())
+    launcher.detach = detach
+    return [[] for _ in range(max(config.num_policies, len(config.baselines), 1))], launcher
 
 
 def _iteration(loop: _Loop, i: int, init: Path, init_hash: str) -> tuple[Path, str]:
@@ -236,7 +253,7 @@ def validate_rl_section(config: WarpConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    """`warpkit train CONFIG [--output_dir DIR] [--any.config.field VALUE ...]`."""
+    """`warpkit train CONFIG [--output_dir DIR] [--any.config.field VALUE ...] [--detach]`."""
     from warpkit._util.log import setup_logging
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -245,5 +262,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
         print(WarpConfig.__doc__)
         raise SystemExit(0)
     setup_logging()
-    config = load_config(argv[0], argv[1:])
-    return run_warp(config, validate=validate_rl_section)
+    detach = "--detach" in argv[1:]
+    config = load_config(argv[0], [a for a in argv[1:] if a != "--detach"])
+    signal.signal(signal.SIGTERM, _interrupted)  # SIGTERM (scancel of the driver, kill) as Ctrl-C: clean stop
+    return run_warp(config, validate=validate_rl_section, detach=detach)
+
+
+def _interrupted(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")

@@ -14,7 +14,6 @@ import queue
 import re
 import shutil
 import subprocess
-import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +25,7 @@ import yaml
 
 from warpkit.loop.manifest import Manifest, Step, pending
 from warpkit.loop.rl import POLICY_DIRNAME
+from warpkit.loop.slurm import accelerate_command
 
 __all__ = [
     "FINGERPRINT_NAME",
@@ -74,7 +74,10 @@ class RunSpec:
         }
 
 
-TrainFn = Callable[[RunSpec, "dict[str, str]"], None]
+# Trains one run (spec, extra environment) and may return more info for its manifest record. A launcher
+# object may also have `prepare(spec, inputs)` (instead of `prepare_run_dir`), and `interrupt(cancel)` with a
+# `detach` flag (called when the driver is interrupted while runs go on).
+TrainFn = Callable[[RunSpec, "dict[str, str]"], "dict[str, Any] | None"]
 
 
 class RunFailedError(RuntimeError):
@@ -117,17 +120,8 @@ def accelerate_launcher(accelerate_config: str | None, num_processes: int) -> Tr
     """Train a run as `accelerate launch [--config_file X] --num_processes N -m warpkit.loop.rl --config run.yaml`."""
 
     def train(spec: RunSpec, env: dict[str, str]) -> None:
-        run_yaml = spec.output_dir / "warp_run.yaml"
-        cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-        if accelerate_config:
-            cmd += ["--config_file", str(Path(accelerate_config).resolve())]
-        else:
-            cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-            if num_processes > 1:
-                cmd += ["--multi_gpu"]
-        cmd += ["--num_processes", str(num_processes)]
-        cmd += ["--main_process_port", env.get("WARPKIT_PORT", "29500")]
-        cmd += ["-m", "warpkit.loop.rl", "--config", str(run_yaml)]
+        port = int(env.get("WARPKIT_PORT", "29500"))
+        cmd = accelerate_command(accelerate_config, num_processes, port, spec.output_dir / "warp_run.yaml")
         log_path = spec.output_dir / "train.log"
         log.info("%s: %s\n         log: %s", spec.key, " ".join(cmd[2:]), log_path)
         with open(log_path, "ab") as out:
@@ -153,15 +147,16 @@ def prepare_run_dir(spec: RunSpec, inputs: str) -> None:
 def _train_one(
     spec: RunSpec, step: Step, gpus: list[int], port_offset: int, train_fn: TrainFn
 ) -> dict[str, Any]:
-    prepare_run_dir(spec, step.inputs)
+    getattr(train_fn, "prepare", prepare_run_dir)(spec, step.inputs)  # a scheduler may re-attach instead
     env = {"WARPKIT_PORT": str(29500 + port_offset)}
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
     log.info("%s: training from %s (data_seed=%s)", spec.key, spec.init, spec.data_seed)
-    train_fn(spec, env)
+    info = train_fn(spec, env)
+    info = info if isinstance(info, dict) else {}  # what a launcher adds to the run's record (its jobs)
     if not any((spec.policy_dir / name).is_file() for name in ("config.json", "adapter_config.json")):
         raise RuntimeError(f"{spec.key} ended without writing its policy to {spec.policy_dir}.")
-    return {"data_seed": spec.data_seed}
+    return {"data_seed": spec.data_seed, **info}
 
 
 def train_runs(
@@ -192,7 +187,13 @@ def train_runs(
             free.put(n)
 
     with ThreadPoolExecutor(max_workers=len(slots)) as pool:
-        list(pool.map(train_in_slot, [runs[k] for k in runs if k in todo]))
+        try:
+            list(pool.map(train_in_slot, [runs[k] for k in runs if k in todo]))
+        except BaseException:
+            failed.set()
+            if hasattr(train_fn, "interrupt"):  # a scheduler's threads wait on jobs: stop them
+                train_fn.interrupt(cancel=not getattr(train_fn, "detach", False))
+            raise
 
 
 def run_steps(specs: Sequence[RunSpec], fingerprints: Mapping[str, str]) -> dict[str, tuple[RunSpec, Step]]:

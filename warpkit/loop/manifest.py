@@ -47,11 +47,13 @@ class Manifest:
     def __init__(self, path: Path):
         self.path = path
         self.steps: dict[str, dict[str, Any]] = {}
+        self.jobs: dict[str, list[dict[str, Any]]] = {}  # run key -> its scheduler jobs (launcher: slurm)
         self._lock = threading.Lock()  # runs side by side record from several threads
         if path.is_file():
             try:
-                self.steps = json.loads(path.read_text())["steps"]
-            except (ValueError, KeyError) as e:
+                data = json.loads(path.read_text())
+                self.steps, self.jobs = data["steps"], data.get("jobs", {})
+            except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(
                     f"{path} is not a warpkit manifest ({e}); move it away to start over."
                 ) from e
@@ -91,6 +93,18 @@ class Manifest:
         self.record(step, **info)
         return True
 
+    def record_job(self, key: str, job: dict[str, Any]) -> None:
+        """Add or update (by its "id") one scheduler job of run `key`, written at once: a driver killed right
+        after a submission re-attaches to the job instead of submitting it again."""
+        with self._lock:
+            jobs = self.jobs.setdefault(key, [])
+            same = [j for j in jobs if j["id"] == job["id"]]
+            if same:
+                same[0].update(job)
+            else:
+                jobs.append(dict(job))
+            self._write()
+
     def output_hash(self, key: str, name: str) -> str:
         """The fingerprint of output `name` of the recorded step `key` (the input identity of what uses it)."""
         return fingerprint(self.steps[key]["outputs"][name])
@@ -100,7 +114,8 @@ class Manifest:
             self._write()
 
     def _write(self) -> None:
-        write_atomic(self.path, json.dumps({"steps": self.steps}, indent=1, sort_keys=True))
+        data = {"steps": self.steps, **({"jobs": self.jobs} if self.jobs else {})}
+        write_atomic(self.path, json.dumps(data, indent=1, sort_keys=True))
 
 
 def pending(manifest: Manifest, steps: Sequence[Step]) -> list[Step]:

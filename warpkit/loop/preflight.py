@@ -72,6 +72,14 @@ def preflight(config: WarpConfig) -> None:
                 raise ConfigError(f"invalid {section}: {e}") from None
     if config.accelerate_config is not None:
         load_yaml_mapping(config.accelerate_config, "accelerate_config")
+    slurm = config.slurm_config()
+    if slurm is not None:
+        from warpkit.loop.scheduler import check_slurm
+
+        try:
+            check_slurm(slurm)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if config.frontier is not None or config.frontier_policies:
         _check_frontier(config)
 
