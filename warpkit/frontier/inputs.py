@@ -65,10 +65,20 @@ class FrontierInputs:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when present, else CPU; anything else is passed to `torch.device`."""
+    """``auto`` -> CUDA when present, else CPU; anything else is passed to `torch.device`. A name torch does
+    not know, or a CUDA device this machine does not have, is refused."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            have = f"cuda:0 to cuda:{count - 1}" if count else "no CUDA device: use cpu"
+            raise ValueError(f"device {name!r} is not available: this machine has {have} (or auto).")
+    return device
 
 
 def resolve_model_names(config: FrontierConfig) -> None:
