@@ -304,10 +304,11 @@ def _frontier_parser(sub: argparse._SubParsersAction) -> None:
 
 def _frontier(args: argparse.Namespace) -> int:
     from warpkit.frontier.config import load_frontier_config
-    from warpkit.frontier.output import print_frontier, write_frontier
+    from warpkit.frontier.output import check_output_dir, print_frontier, write_frontier
     from warpkit.frontier.run import run_frontier
 
     config = load_frontier_config(args.config, output_dir=args.output_dir, device=args.device)
+    check_output_dir(config.output_dir)
     result = run_frontier(config)
     out = write_frontier(result, config.output_dir, plot=not args.no_plot)
     print_frontier(result)

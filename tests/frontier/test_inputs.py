@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.frontier.helpers import PROMPTS, small_config
 from warpkit.frontier import run
-from warpkit.frontier.policies import PolicySpec, SoupSweep
+from warpkit.frontier.policies import LitiSweep, PolicySpec, SoupSweep
 from warpkit.frontier.run import run_frontier
 from warpkit.testing import make_tiny_model
 
@@ -89,4 +89,41 @@ def test_missing_soup_model_is_refused_before_sampling(soup_root, no_sampling):
         soup_root / "sft", [PolicySpec("rs", "m", soup=SoupSweep([str(soup_root / "positive"), "nope"]))]
     )
     with pytest.raises(ValueError, match=r"policy 'rs' \(soup.models\[1\]\) 'nope' is not a model folder"):
+        run_frontier(config, progress=False)
+
+
+def _truncate(folder):
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4096])
+
+
+@pytest.mark.parametrize("where", ["path", "trajectory", "liti.init", "liti.merged", "reference"])
+def test_truncated_weights_are_refused_before_sampling(soup_root, tmp_path, no_sampling, where):
+    # A truncated checkpoint last in a trajectory used to pass the checks and crash after the other points.
+    bad = tmp_path / "bad"
+    shutil.copytree(soup_root / "positive", bad)
+    _truncate(bad)
+    good, ref = str(soup_root / "positive"), str(soup_root / "sft")
+    policy = {
+        "path": PolicySpec("p", "m", path=str(bad)),
+        "trajectory": PolicySpec("p", "m", trajectory=[good, str(bad)]),
+        "liti.init": PolicySpec("p", "m", liti=LitiSweep(str(bad), good)),
+        "liti.merged": PolicySpec("p", "m", liti=LitiSweep(ref, str(bad))),
+        "reference": PolicySpec("p", "m", path=good),
+    }[where]
+    config = small_config(bad if where == "reference" else ref, [policy])
+    who = "reference" if where == "reference" else "policy 'p'"
+    with pytest.raises(ValueError, match=rf"{who} .*bad.*model\.safetensors is truncated: .*write it again"):
+        run_frontier(config, progress=False)
+
+
+def test_liti_sweep_of_other_shapes_is_refused_before_sampling(soup_root, tiny_model_factory, no_sampling):
+    wider = tiny_model_factory("gpt2", False, hidden_size=64)  # same vocabulary and tokenizer, other shapes
+    config = small_config(
+        soup_root / "sft", [PolicySpec("l", "m", liti=LitiSweep(str(soup_root / "sft"), str(wider)))]
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"policy 'l': liti\.merged .* and liti\.init .* differ in shape.*set liti\.init to the init",
+    ):
         run_frontier(config, progress=False)

@@ -1,14 +1,17 @@
 """Inputs of the frontier, loaded and checked: models, tokenizers and prompts (rewards: `rewards`).
 
-Every check here runs before the first sample is drawn, and every error names the offending value and
-the fix: a missing folder, pickled weights, a vocabulary or tokenizer that differs from the reference
-(the KL is then undefined), soup models of different shapes, a prompt longer than the context.
-`prepare_inputs` runs them all and returns what sampling needs (`FrontierInputs`).
+Every check here runs before the first model is loaded and the first sample is drawn, and every error
+names the offending value and the fix: a missing folder, pickled weights, truncated or unreadable
+safetensors (or a missing shard), a vocabulary or tokenizer that differs from the reference (the KL is then
+undefined), a LITI sweep's ends or soup models of different tensor names or shapes (from the safetensors
+headers: no weight is read), a prompt longer than the context. `prepare_inputs` runs them all, for the
+reference and every folder of every policy, and returns what sampling needs (`FrontierInputs`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,8 @@ import torch
 
 from warpkit._util.tensors import check_same_tensors
 from warpkit.frontier.config import FrontierConfig
-from warpkit.frontier.policies import SoupSweep
+from warpkit.frontier.policies import PolicySpec
+from warpkit.merge.checkpoint import weight_shapes
 from warpkit.workloads import DEFAULT_MODEL, TINY_MODEL, load_prompt_dataset, resolve_model_path
 
 __all__ = [
@@ -25,7 +29,7 @@ __all__ = [
     "FrontierInputs",
     "check_compatible",
     "check_folder",
-    "check_soup_tensors",
+    "check_sweep_tensors",
     "context_length",
     "encode_prompt",
     "load_model",
@@ -61,10 +65,20 @@ class FrontierInputs:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when present, else CPU; anything else is passed to `torch.device`."""
+    """``auto`` -> CUDA when present, else CPU; anything else is passed to `torch.device`. A name torch does
+    not know, or a CUDA device this machine does not have, is refused."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            have = f"cuda:0 to cuda:{count - 1}" if count else "no CUDA device: use cpu"
+            raise ValueError(f"device {name!r} is not available: this machine has {have} (or auto).")
+    return device
 
 
 def resolve_model_names(config: FrontierConfig) -> None:
@@ -85,8 +99,16 @@ def resolve_model_names(config: FrontierConfig) -> None:
             p.soup.models = [resolve(m) for m in p.soup.models]
 
 
-def check_folder(path: str, what: str, allow_pickle: bool) -> None:
-    """Refuse a folder without config.json, or with pickled weights only unless ``allow_pickle``."""
+Shapes = Mapping[str, Sequence[int]]
+
+
+def check_folder(path: str, what: str, allow_pickle: bool) -> Shapes | None:
+    """Refuse a folder without config.json, with pickled weights only unless ``allow_pickle``, or whose
+    safetensors are truncated, unreadable or missing a shard; return its tensor shapes by name.
+
+    Only the safetensors headers and file sizes are read (`warpkit.merge.checkpoint.weight_shapes`), and
+    nothing is unpickled: a folder with pickled weights only (``allow_pickle``) returns None.
+    """
     folder = Path(path)
     if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
         raise ValueError(
@@ -103,6 +125,12 @@ def check_folder(path: str, what: str, allow_pickle: bool) -> None:
             f"{what} {path!r} has no .safetensors weights{f' (found {found})' if found else ''}. Pickled "
             "checkpoints can run code when loaded: convert them to safetensors, or set allow_pickle: true."
         )
+    if not any(folder.glob("*.safetensors")):
+        return None
+    try:
+        return weight_shapes(folder)
+    except ValueError as e:
+        raise ValueError(f"{what} {path!r}: {e}") from None
 
 
 def load_model(path: str, config: FrontierConfig, device: torch.device) -> torch.nn.Module:
@@ -163,24 +191,38 @@ def check_compatible(reference_dir: str, reference_tokenizer: Any, path: str, wh
             )
 
 
-def check_soup_tensors(name: str, soup: SoupSweep) -> None:
-    """Refuse soup models whose tensors differ in names or shapes, from the safetensors headers alone.
+def check_sweep_tensors(spec: PolicySpec, shapes: Mapping[str, Shapes | None]) -> None:
+    """Refuse a LITI sweep whose init and merged policy, or a soup whose models, differ in tensor names or
+    shapes; ``shapes`` maps each folder to its tensors' shapes (`check_folder`), so no weight is read.
 
     Folders with pickled weights only (allow_pickle) are checked later, when their state dicts load.
     """
-    from warpkit.merge.checkpoint import Checkpoint
-
-    if not all(any(Path(m).glob("*.safetensors")) for m in soup.models):
+    if spec.liti is not None:
+        ends = [("liti.init", spec.liti.init), ("liti.merged", spec.liti.merged)]
+        fix = (
+            "LITI interpolates the weights of a merged policy and of its init, so they need the same "
+            "architecture and shapes: set liti.init to the init the merged policy was trained from."
+        )
+    elif spec.soup is not None:
+        ends = [(f"soup.models[{i}]", m) for i, m in enumerate(spec.soup.models)]
+        fix = (
+            "A rewarded soup averages the weights of policies fine-tuned from one init, so they need the "
+            "same architecture and shapes: list only policies fine-tuned from the same base model."
+        )
+    else:
         return
-    first = {n: t.shape for n, t in Checkpoint(soup.models[0]).tensors.items()}
-    for i, path in enumerate(soup.models[1:], start=1):
+    (first_name, first), *others = ends
+    reference = shapes[first]
+    for name, path in others:
+        other = shapes[path]
+        if reference is None or other is None:
+            continue  # pickled weights only (allow_pickle): checked when the state dicts load
         check_same_tensors(
-            first,
-            {n: t.shape for n, t in Checkpoint(path).tensors.items()},
-            f"policy {name!r}: soup.models[{i}] {path!r}",
-            f"soup.models[0] {soup.models[0]!r}",
-            fix="A rewarded soup averages the weights of policies fine-tuned from one init, so they need the "
-            "same architecture and shapes: list only policies fine-tuned from the same base model.",
+            reference,
+            other,
+            f"policy {spec.name!r}: {name} {path!r}",
+            f"{first_name} {first!r}",
+            fix=fix,
         )
 
 
@@ -207,14 +249,17 @@ def encode_prompt(prompt: Any, tokenizer: Any) -> list[int]:
 def prepare_inputs(config: FrontierConfig) -> FrontierInputs:
     """Resolve model names, check every folder and the prompts against every context, encode the prompts.
 
-    Model names in ``config`` are replaced by their folders (in place). Nothing is sampled.
+    Every folder (the reference, each policy's, both ends of a LITI sweep, each soup model) is checked
+    here, before any model is loaded: config.json, complete safetensors weights, vocabulary and tokenizer,
+    and the tensor names and shapes of sweeps. Model names in ``config`` are replaced by their folders
+    (in place). Nothing is sampled.
     """
     from transformers import AutoConfig, AutoTokenizer
 
     device = resolve_device(config.device)
     resolve_model_names(config)
     reference_dir = config.reference
-    check_folder(reference_dir, "reference", config.allow_pickle)
+    shapes = {reference_dir: check_folder(reference_dir, "reference", config.allow_pickle)}
     tokenizer = AutoTokenizer.from_pretrained(reference_dir, trust_remote_code=False)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     pad = eos if pad is None else pad
@@ -222,11 +267,10 @@ def prepare_inputs(config: FrontierConfig) -> FrontierInputs:
         raise ValueError(f"the reference tokenizer at {reference_dir!r} has neither a pad nor an EOS token.")
     folders = [f for spec in config.policies for f in spec.folders()]
     for path, what in folders:
-        check_folder(path, what, config.allow_pickle)
+        shapes[path] = check_folder(path, what, config.allow_pickle)
         check_compatible(reference_dir, tokenizer, path, what)
     for spec in config.policies:
-        if spec.soup is not None:
-            check_soup_tensors(spec.name, spec.soup)
+        check_sweep_tensors(spec, shapes)
     contexts = [
         context_length(AutoConfig.from_pretrained(p)) for p in [reference_dir, *(f for f, _ in folders)]
     ]

@@ -7,7 +7,8 @@
 - samples.jsonl: the first two samples of each point (prompt, completion, rewards, KL);
 - frontier.png (`plot.plot_frontier`) and, with extra rewards, rewards.png (`plot.plot_rewards`).
 
-Each file appears whole or not at all (`warpkit._util.files.staged_files`).
+Each file appears whole or not at all (`warpkit._util.files.staged_files`). `check_output_dir` refuses,
+before anything is sampled, an output_dir that is a file or cannot be created or written.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from pathlib import Path
 from warpkit._util.files import staged_files
 from warpkit.frontier.plot import plot_frontier, plot_rewards
 from warpkit.frontier.summary import FrontierResult, reward_value
+from warpkit.merge.output import check_writable_parent
 
 __all__ = [
     "COLUMNS",
+    "check_output_dir",
     "plot_result",
     "plot_result_rewards",
     "print_frontier",
@@ -39,6 +42,26 @@ COLUMNS = [
     "num_samples", "num_reward_skipped", "params", "weights",
 ]  # fmt: skip
 # Then reward_<name>_mean, reward_<name>_stderr for each extra reward, in config order.
+
+
+def check_output_dir(output_dir: str | Path) -> None:
+    """Refuse an output_dir that is a file, or whose nearest existing parent is a file or read-only.
+
+    An existing folder is fine: only the frontier's own files in it are replaced, others are left alone.
+    """
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(
+            f"output_dir={out} is a file; the frontier writes frontier.json, frontier.csv and samples.jsonl "
+            "into a folder. Remove the file or choose another output_dir (CLI: --output-dir)."
+        )
+    if not out.exists():
+        check_writable_parent(out, "output_dir")
+    elif not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"output_dir={out} cannot be written: it is read-only for this user. Choose another output_dir "
+            "(or fix its permissions)."
+        )
 
 
 def write_frontier(result: FrontierResult, output_dir: str | Path, *, plot: bool = True) -> Path:

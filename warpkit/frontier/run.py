@@ -1,8 +1,9 @@
 """`warpkit frontier`: evaluate every point of a config (`run_frontier`); `output.write_frontier` writes it.
 
-Order of work: every input is checked before the first sample is drawn (`inputs.prepare_inputs`: folders,
-safetensors, vocabulary and tokenizer against the reference, soup shapes, prompt lengths against every
-context), so a bad config fails in seconds. Then each point's model is loaded or interpolated
+Order of work: every input is checked before the first model is loaded and the first sample is drawn
+(`inputs.prepare_inputs`: folders, complete safetensors weights, vocabulary and tokenizer against the
+reference, the tensor shapes of LITI sweeps and soups, prompt lengths against every context), so a bad
+config fails in seconds. Then each point's model is loaded or interpolated
 (`point_models`), sampled and scored (`estimate.evaluate_policy`), its rewards computed and checked
 (`rewards.score_rewards`), and the fronts, hypervolumes and matched-KL comparisons derived
 (`summary.summarise`). Extra rewards score the same samples as the main reward; with them each method also
@@ -177,7 +178,10 @@ def _liti_models(
     del merged_model
     for point, _ in spec.points():
         assert point.eta is not None
-        weights = liti(init, merged, point.eta, allow_extrapolation=spec.liti.allow_extrapolation)
+        try:  # safetensors folders were checked up front; pickled ones (allow_pickle) only here
+            weights = liti(init, merged, point.eta, allow_extrapolation=spec.liti.allow_extrapolation)
+        except ValueError as e:
+            raise ValueError(f"policy {spec.name!r}: the LITI sweep cannot interpolate: {e}") from e
         working.load_state_dict(weights, strict=True)
         yield point, working
     del working, init, merged

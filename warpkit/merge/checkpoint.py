@@ -29,6 +29,7 @@ __all__ = [
     "TensorInfo",
     "check_weights",
     "open_checkpoint",
+    "weight_shapes",
 ]
 
 DTYPES: dict[str, torch.dtype] = {
@@ -104,6 +105,19 @@ def check_weights(folder: str | Path) -> None:
         Checkpoint(folder, [f for f in files if f.exists()] or files).close()
     else:
         Checkpoint(folder).close()
+
+
+def weight_shapes(folder: str | Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of a model folder's safetensors weights, from the headers and file sizes
+    alone (no tensor is read, nothing is unpickled): a truncated or unreadable file, a missing shard or
+    pickled weights only are refused, naming the file. Any dtype is accepted (nothing is merged here)."""
+    path = _existing_dir(folder)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in _weight_files(path):
+        header, data_start = _read_header(file)
+        _check_length(file, header, data_start)
+        shapes |= {name: tuple(meta["shape"]) for name, meta in header.items() if name != "__metadata__"}
+    return shapes
 
 
 class _Files:

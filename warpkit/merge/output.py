@@ -21,7 +21,14 @@ from pathlib import Path
 
 from warpkit._util.files import remove_stale_temporaries
 
-__all__ = ["OUTPUT_MARKERS", "OutputSpaceError", "check_out", "is_merge_output", "writing"]
+__all__ = [
+    "OUTPUT_MARKERS",
+    "OutputSpaceError",
+    "check_out",
+    "check_writable_parent",
+    "is_merge_output",
+    "writing",
+]
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +96,7 @@ def check_out(out: str | Path, inputs: Sequence[str | Path], overwrite: bool, *,
             )
         if not overwrite:
             raise ValueError(f"{flag}={out} already exists; remove it or pass {again}.")
-    _check_writable_parent(out, flag)
+    check_writable_parent(out, flag)
     return out
 
 
@@ -97,7 +104,7 @@ def _sibling(path: Path) -> Path:
     return path.with_name(f"{path.name or 'model'}-merged")
 
 
-def _check_writable_parent(out: Path, flag: str) -> None:
+def check_writable_parent(out: Path, flag: str) -> None:
     """The nearest existing folder above `out` must be a folder this process may create entries in."""
     parent = out.absolute().parent
     while not parent.exists() and parent != parent.parent:
