@@ -1,0 +1,155 @@
+"""`launcher: slurm` against a real one-node SLURM (`.ci/slurm-local start`; skipped where sbatch is absent):
+the tiny WARP config through sbatch is bitwise the local run; a driver killed while its jobs run re-attaches
+without a second submission; a job cancelled from outside (as a preemption) is resubmitted and resumes from
+its checkpoint; a run that always fails stops the driver after max_retries; an unknown partition is refused
+before any submission. One test runs with a `sacct` that answers as on a cluster without accounting storage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.loop.conftest import REPO, warpkit_cli
+from warpkit.testing import load_state
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        shutil.which("sbatch") is None,
+        reason="no SLURM here (sbatch not on PATH); CI starts a one-node cluster with .ci/slurm-local start",
+    ),
+]
+
+ONE_ITERATION = ["--iterations", "1", "--baselines", "[]", "--frontier", "null", "--launcher", "slurm",
+                 "--slurm.poll_seconds", "0.5", "--slurm.cpus_per_task", "1"]  # fmt: skip
+SLOW_REWARD = ["--rl.reward_funcs", "[tests.loop.slurm_rewards:vader_reward]"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster_answers():
+    done = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0 or not done.stdout.strip():
+        pytest.skip(f"sbatch is here but the cluster does not answer: {done.stderr.strip()}")
+
+
+def _jobs(out: Path) -> dict[str, list[str]]:
+    """run key -> the ids of its jobs, as the manifest recorded them."""
+    manifest = json.loads((out / "warp_manifest.json").read_text())
+    return {key: [j["id"] for j in jobs] for key, jobs in manifest.get("jobs", {}).items()}
+
+
+def _scheduler_count(names: list[str]) -> dict[str, int]:
+    """How many jobs the scheduler knows by each name (sacct when accounting works, else scontrol)."""
+    done = subprocess.run(["sacct", "-n", "-P", "-X", "-S", "now-2hours", "--name", ",".join(names), "-o",
+                           "JobName"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    listed = done.stdout.split()
+    return {n: listed.count(n) for n in names}
+
+
+def _same_next_init(out: Path, reference: Path) -> None:
+    got, want = load_state(out / "iter_1" / "next_init"), load_state(reference / "iter_1" / "next_init")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_the_tiny_config_through_slurm_is_bitwise_the_local_run(warp_tiny_run, tmp_path):
+    reference, finished, env = warp_tiny_run
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    out = tmp_path / "warp"
+    done = warpkit_cli("train", "configs/warp_tiny.yaml", "--output_dir", str(out), *ONE_ITERATION, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _same_next_init(out, reference)
+    jobs = _jobs(out)
+    assert sorted(jobs) == ["iter_1/run_1", "iter_1/run_2"] and all(len(ids) == 1 for ids in jobs.values())
+    manifest = json.loads((out / "warp_manifest.json").read_text())
+    names = [manifest["jobs"][k][0]["name"] for k in sorted(jobs)]
+    assert _scheduler_count(names) == {n: 1 for n in names}  # sacct: one job per run
+    assert all(manifest["steps"][k]["slurm_jobs"] == jobs[k] for k in jobs)
+
+
+def _squeue(prefix: str) -> dict[str, str]:
+    done = subprocess.run(["squeue", "-h", "-o", "%j %i %T"], capture_output=True, text=True, timeout=60)
+    return {f"{line.split()[0]}": line.split()[2] for line in done.stdout.splitlines() if prefix in line}
+
+
+def _wait(condition, timeout: float = 300, what: str = "") -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _no_accounting(tmp_path: Path, env: dict[str, str]) -> dict[str, str]:
+    """A PATH whose `sacct` answers like a cluster without accounting storage."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    sacct = bin_dir / "sacct"
+    sacct.write_text("#!/bin/sh\necho 'sacct: error: Slurm accounting storage is disabled' >&2\nexit 1\n")
+    sacct.chmod(0o755)
+    return {**env, "PATH": f"{bin_dir}:{env['PATH']}"}
+
+
+def test_driver_killed_reattaches_and_a_cancelled_job_resumes_without_accounting(warp_tiny_run, tmp_path):
+    reference, _, env = warp_tiny_run
+    env = _no_accounting(tmp_path, {**env, "WARPKIT_TEST_REWARD_SLEEP": "1.5"})
+    out = tmp_path / "warp"
+    cmd = [sys.executable, "-m", "warpkit.cli", "train", "configs/warp_tiny.yaml", "--output_dir", str(out),
+           *ONE_ITERATION, *SLOW_REWARD]  # fmt: skip
+    log = open(tmp_path / "driver.log", "ab")  # noqa: SIM115 - closed at the end
+    driver = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=log, start_new_session=True)
+    _wait(lambda: (out / "warp_manifest.json").is_file() and len(_jobs(out)) == 2, what="two submissions")
+    prefix = json.loads((out / "warp_manifest.json").read_text())["jobs"]["iter_1/run_1"][0]["name"][:16]
+    _wait(lambda: list(_squeue(prefix).values()) == ["RUNNING", "RUNNING"], what="both jobs running")
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver dies; its jobs go on
+    driver.wait()
+    first = _jobs(out)
+
+    driver = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=log, start_new_session=True)
+    run_1 = out / "iter_1" / "run_1"
+    _wait(lambda: (run_1 / "checkpoint-1" / "trainer_state.json").is_file(), what="run_1's first checkpoint")
+    assert not (run_1 / "policy").exists(), "run_1 finished before it could be cancelled"
+    subprocess.run(["scancel", first["iter_1/run_1"][0]], check=True, timeout=60)  # a preemption
+    assert driver.wait(timeout=900) == 0, (tmp_path / "driver.log").read_text()[-3000:]
+    log.close()
+
+    jobs = _jobs(out)
+    assert jobs["iter_1/run_2"] == first["iter_1/run_2"]  # re-attached: never submitted twice
+    assert len(jobs["iter_1/run_1"]) == 2 and jobs["iter_1/run_1"][0] == first["iter_1/run_1"][0]
+    info = json.loads((run_1 / "run_info.json").read_text())
+    assert info["resumed_from"] is not None and "checkpoint-" in info["resumed_from"]
+    driver_log = (tmp_path / "driver.log").read_text()
+    assert "re-attached to job" in driver_log and "resubmitting" in driver_log
+    _same_next_init(out, reference)
+
+
+def test_a_run_that_always_fails_stops_the_driver_after_max_retries(warp_tiny_run, tmp_path):
+    _, _, env = warp_tiny_run
+    out = tmp_path / "warp"
+    done = warpkit_cli(
+        "train", "configs/warp_tiny.yaml", "--output_dir", str(out), *ONE_ITERATION, "--num_policies", "1",
+        "--rl.reward_funcs", "[tests.loop.slurm_rewards:broken_reward]", "--slurm.max_retries", "1", env=env,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "iter_1/run_1 (job" in done.stderr and "broken_reward always fails" in done.stderr
+    assert "after 2 attempts (slurm.max_retries=1)" in done.stderr
+    assert len(_jobs(out)["iter_1/run_1"]) == 2
+
+
+def test_an_unknown_partition_is_refused_before_any_submission(warp_tiny_run, tmp_path):
+    _, _, env = warp_tiny_run
+    out = tmp_path / "warp"
+    done = warpkit_cli("train", "configs/warp_tiny.yaml", "--output_dir", str(out), *ONE_ITERATION,
+                       "--slurm.partition", "nope", env=env)  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "slurm.partition='nope' is not a partition of this cluster" in done.stderr
+    assert not (out / "warp_manifest.json").exists()
