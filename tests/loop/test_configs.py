@@ -19,6 +19,7 @@ def test_configs_exist():
     assert names == {
         "warp_tiny.yaml", "warp_default.yaml",  # CI and the demo
         "warp_qwen2.5-1.5b_full_zero3.yaml", "warp_qwen2.5-1.5b_lora.yaml",  # real-scale recipes
+        "warp_qwen2.5-1.5b_slurm_2x8.yaml",  # the full ZeRO-3 recipe on a SLURM cluster, 2 nodes x 8 GPUs a run
     }  # fmt: skip
 
 
@@ -36,3 +37,13 @@ def test_warp_config_parses(path, tmp_path):
     assert model_args.use_peft == ("lora" in path.name)
     if config.accelerate_config:
         assert (CONFIGS.parent / config.accelerate_config).is_file()
+    if "slurm" in path.name:
+        slurm = config.slurm_config()
+        assert (
+            config.launcher == "slurm"
+            and slurm.nodes
+            * slurm.gpus_per_node
+            * run["per_device_train_batch_size"]
+            * run.get("gradient_accumulation_steps", 1)
+            == 128
+        )  # the paper's batch
