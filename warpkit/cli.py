@@ -8,10 +8,12 @@ and option rules come from the method registry (`warpkit.merge.methods`): nothin
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from warpkit.loop.launch import RunFailedError
@@ -25,6 +27,16 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        """argparse's check of a choice, plus the closest choice when the value looks like a typo of one."""
+        try:
+            super()._check_value(action, value)
+        except argparse.ArgumentError as e:
+            close = difflib.get_close_matches(str(value), [str(c) for c in action.choices or ()], n=1)
+            if not close:
+                raise
+            raise argparse.ArgumentError(action, f"{e.message}; did you mean {close[0]!r}?") from None
 
 
 class CommandError(SystemExit):
@@ -220,10 +232,33 @@ def _split_settings(settings: dict[str, Any]) -> tuple[Any, dict[str, Any], dict
     return method, params, settings
 
 
+def _check_options(options: dict[str, Any]) -> None:
+    """What argparse checks only for flags, for a YAML recipe too: the engine options' types, and --models
+    a list (of paths, as --init and --out). ValueError."""
+    for p in ENGINE_OPTIONS:  # max_shard_size: parse_size takes a size ("5GB") or a number of bytes
+        if p.name != "max_shard_size" and options.get(p.name) is not None:
+            options[p.name] = p.check(options[p.name], spell(p.name, True))
+    models = options["models"]
+    if not isinstance(models, list):
+        raise ValueError(f"--models={models!r} must be a list of folders (in a YAML recipe: models: [a, b]).")
+    options["models"] = [str(m) for m in models]  # YAML reads a folder named 2024 as a number
+    options.update({k: str(options[k]) for k in ("init", "out") if options.get(k) is not None})
+
+
+def _check_inputs_exist(method: Any, options: dict[str, Any]) -> None:
+    """Every input exists, or ValueError naming it by its flag (the first check that needs the inputs)."""
+    kinds = "save_pretrained folders" + (" or peft LoRA adapter folders" if method.init != "none" else "")
+    init = options.get("init")
+    inputs = [("--init=", init, "the save_pretrained folder the models were fine-tuned from")] if init else []
+    for flag, path, fix in [*inputs, *(("--models: ", m, kinds) for m in options["models"])]:
+        if not Path(path).exists():
+            raise ValueError(f"{flag}{path} does not exist; pass {fix}.")
+
+
 def merge_plan(args: argparse.Namespace) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """What `warpkit merge` would do, checked before anything is read: (method entry, its params as given,
     the engine options and inputs). SystemExit with the reason otherwise."""
-    from warpkit.merge.folders import as_dtype
+    from warpkit.merge.folders import as_device, as_dtype
     from warpkit.merge.output import check_out
     from warpkit.merge.writer import parse_size
 
@@ -231,6 +266,7 @@ def merge_plan(args: argparse.Namespace) -> tuple[Any, dict[str, Any], dict[str,
     try:
         method, params, options = _split_settings(settings)
         resolved = method.resolve(params, cli=True)
+        _check_options(options)
         method.check_inputs(
             len(options["models"]), options.get("weights"), resolved,
             allow_extrapolation=bool(options.get("allow_extrapolation")), cli=True,
@@ -239,7 +275,8 @@ def merge_plan(args: argparse.Namespace) -> tuple[Any, dict[str, Any], dict[str,
         check_out(options["out"], inputs, bool(options.get("overwrite")), cli=True)
         as_dtype(options.get("dtype"), "--dtype")
         as_dtype(options.get("compute_dtype"), "--compute-dtype")
-        parse_size(options.get("max_shard_size") or 0)
+        as_device(options.get("device"), "--device")
+        parse_size(options.get("max_shard_size") or 0, "--max-shard-size")
     except ValueError as e:
         raise CommandError(f"warpkit merge: {e}") from e
     return method, params, options
@@ -251,6 +288,7 @@ def _merge(args: argparse.Namespace) -> int:
     common = {"progress": not args.no_progress and sys.stderr.isatty(), "hash_inputs": not args.no_hash}
     t0 = time.perf_counter()
     try:
+        _check_inputs_exist(method, options)
         if method.runner is not None:
             print(_run_whole_model(method, params, options, common) + f" ({time.perf_counter() - t0:.1f} s)")
             return 0

@@ -25,7 +25,10 @@ def import_object(spec: str, what: str, *, callable_: bool = False) -> Any:
     try:
         obj = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"{what} {spec!r} cannot be imported: {e}") from e
+        raise ValueError(
+            f"{what} {spec!r} cannot be imported: {e}. Check the spelling, and that its module is importable "
+            "here (installed, or its folder on PYTHONPATH)."
+        ) from e
     if callable_ and not callable(obj):
         raise TypeError(f"{what} {spec!r} is not callable.")
     return obj

@@ -32,7 +32,7 @@ from warpkit.merge.output import check_out, writing
 from warpkit.merge.stream import ChunkStream, merge_coefficient_groups, merge_elementwise, num_passes
 from warpkit.merge.writer import RECIPE_NAME, ShardedWriter, carry_files, parse_size, write_config
 
-__all__ = ["MergeReport", "as_dtype", "liti_folder", "merge_folders"]
+__all__ = ["MergeReport", "as_device", "as_dtype", "liti_folder", "merge_folders"]
 
 # Config fields two models must agree on to be merged (shapes and names are checked tensor by tensor).
 _ARCH_KEYS = ("model_type", "architectures", "tie_word_embeddings")
@@ -65,6 +65,27 @@ def as_dtype(dtype: torch.dtype | str | None, what: str) -> torch.dtype | None:
             )
     if result is not None and not result.is_floating_point:
         raise ValueError(f"{what}={dtype!r} must be a floating dtype (float32, bfloat16, float16, float64).")
+    return result
+
+
+def as_device(device: torch.device | str | None, what: str) -> torch.device:
+    """A device of this machine that torch can compute on, from a device or its name ("cpu", "cuda",
+    "cuda:1"); None is the cpu."""
+    try:
+        result = torch.device(device or "cpu")
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{what}={device!r} is not a torch device; use cpu, cuda or cuda:N.") from e
+    if result.type == "cpu":
+        return result
+    backend, count = getattr(torch, result.type, None), 0
+    if backend is not None and getattr(backend, "is_available", lambda: False)():
+        count = getattr(backend, "device_count", lambda: 1)()
+    if (result.index or 0) >= count:
+        have = f"{count} {result.type} device(s)" if count else f"no {result.type} device torch can use"
+        raise ValueError(
+            f"{what}={device!r}: this machine has {have}; drop {what} (merges run on the cpu by default) "
+            "or name a device it has."
+        )
     return result
 
 
@@ -123,15 +144,15 @@ def merge_folders(
         raise ValueError(f"compute_dtype={compute_dtype!r}: merges run in float32 or float64.")
     settings |= {"allow_extrapolation": allow_extrapolation, "dtype": out_dtype, "compute_dtype": cd}
     settings["lora_base_ok"] = lora_base_ok
-    init_path, paths = Path(init), [Path(m) for m in models]
-    out = check_out(out, [init_path, *paths], overwrite)
-    init_ckpt, ckpts, drop = _open_inputs(init_path, paths, lora_base_ok)
-    options = {"device": torch.device(device or "cpu"), "cache_bytes": parse_size(cache_size)}
+    options = {"device": as_device(device, "device"), "cache_bytes": parse_size(cache_size, "cache_size")}
     options |= {
         "chunk_numel": chunk_numel,
         "progress": progress,
-        "max_shard_bytes": parse_size(max_shard_size),
+        "max_shard_bytes": parse_size(max_shard_size, "max_shard_size"),
     }
+    init_path, paths = Path(init), [Path(m) for m in models]
+    out = check_out(out, [init_path, *paths], overwrite)
+    init_ckpt, ckpts, drop = _open_inputs(init_path, paths, lora_base_ok)
     pool = ThreadPoolExecutor(1)
     try:
         files = [f for c in [init_ckpt, *ckpts] for f in c.files]

@@ -249,19 +249,25 @@ def check_eta(
     name: str = "liti_eta",
     fix: str = "pass allow_extrapolation=True (CLI: --allow-extrapolation)",
 ) -> None:
-    """LITI's η: finite, >= 0, and <= 1 unless extrapolating (η > 1, as ExPO) is allowed explicitly.
+    """LITI's η: finite, >= 0 (always: η < 0 is refused without suggesting a flag), and <= 1 unless
+    extrapolating (η > 1, as ExPO) is allowed explicitly.
 
     One value (`name` = `liti_eta`: "liti_eta=2.0 is outside [0, 1] ...") or a list of them (e.g. a
     frontier's `liti.etas`: "liti.etas [1.5] are outside [0, 1] ...", every bad value listed); `fix` says
     how to allow extrapolation where the value was given (a keyword, a CLI flag, a YAML field).
     """
     many = isinstance(eta, Sequence)
-    if not many and not math.isfinite(eta):
-        raise ValueError(f"{name} must be finite, got {eta}.")
     values = list(eta) if many else [eta]
-    bad = [e for e in values if not (math.isfinite(e) and e >= 0 and (e <= 1 or allow_extrapolation))]
+    if not all(math.isfinite(e) for e in values):
+        raise ValueError(f"{name} must be finite, got {eta}.")
+    bad = [e for e in values if not (e >= 0 and (e <= 1 or allow_extrapolation))]
     if bad:
         subject = f"{name} {bad} are" if many else f"{name}={eta} is"
+        if any(e < 0 for e in bad):  # no setting allows it: suggest none
+            raise ValueError(
+                f"{subject} outside [0, 1]: eta < 0 moves away from the merge, past the init, which no setting "
+                f"allows; use {'values' if many else 'a value'} in [0, 1] (0 keeps the init, 1 the merge)."
+            )
         raise ValueError(
             f"{subject} outside [0, 1]. eta > 1 extrapolates past the merge (as in ExPO); {fix} if that is "
             "what you want."

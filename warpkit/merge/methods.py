@@ -17,6 +17,7 @@ A method is one of three kinds, by the implementation it names:
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -335,9 +336,11 @@ METHODS: dict[str, MergeMethod] = {m.name: m for m in _ENTRIES}
 
 
 def get_method(name: str) -> MergeMethod:
-    """The registry entry of `name`, or ValueError listing the methods."""
+    """The registry entry of `name`, or ValueError listing the methods (and the closest name, if any)."""
     if name not in METHODS:
-        raise ValueError(f"method={name!r} is not one of {list(METHODS)}.")
+        close = difflib.get_close_matches(str(name), list(METHODS), n=1)
+        guess = f"; did you mean {close[0]!r}?" if close else "."
+        raise ValueError(f"method={name!r} is not one of {list(METHODS)}{guess}")
     return METHODS[name]
 
 

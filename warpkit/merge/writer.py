@@ -28,13 +28,14 @@ _NOT_CARRIED = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|pkl)$|.*\.index\.js
 RECIPE_NAME = "warpkit_merge.json"
 
 
-def parse_size(size: int | str) -> int:
-    """Bytes from 5000000, "5GB", "500MB" or "2GiB"."""
-    if isinstance(size, int):
+def parse_size(size: int | str, what: str = "size") -> int:
+    """Bytes from 5000000, "5GB", "500MB" or "2GiB"; `what` names the setting in the error."""
+    if isinstance(size, int) and not isinstance(size, bool):
         return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", size, re.IGNORECASE)
+    pattern = r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*"
+    m = re.fullmatch(pattern, size, re.IGNORECASE) if isinstance(size, str) else None
     if not m:
-        raise ValueError(f"cannot parse size {size!r}; use e.g. 5GB, 500MB or a number of bytes.")
+        raise ValueError(f"cannot parse {what} {size!r}; use e.g. 5GB, 500MB or a number of bytes.")
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
     units |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
     return int(float(m.group(1)) * units[(m.group(2) or "").upper()])
