@@ -39,7 +39,11 @@ class BadInput:
 
     @property
     def shown(self) -> str:
-        return self.says or self.message
+        """The answer as the table shows it: `says`, or the regex read as text (`.*` as …, escapes undone)."""
+        if self.says:
+            return self.says
+        text = self.message.removeprefix("^").removesuffix("$").replace(".*", "…")
+        return re.sub(r"\\(.)", r"\1", text)
 
 
 def _snapshot(root: Path) -> set[str]:

@@ -119,6 +119,15 @@ CASES = [
         r"frontier_policies: policy 'm1' 'no/such' is not a folder",
     ),
     BadInput("override without a value", train("--iterations"), r"override --iterations has no value"),
+    BadInput("`launcher: pbs`", train(launcher="pbs"), r"launcher='pbs': choose one of \['local', 'slurm'\]"),
+    BadInput("`slurm.nodes: 0`", train("--launcher", "slurm", "--slurm.nodes", "0"),
+             r"slurm\.nodes=0: a run needs at least one node \(nodes >= 1\)"),
+    BadInput("`slurm.time: soon`", train("--launcher", "slurm", "--slurm.time", "soon"),
+             r"slurm\.time='soon' is not a SLURM time limit; write minutes \(90\), H:MM:SS"),
+    BadInput("unknown slurm field", train("--launcher", "slurm", "--slurm.partiton", "gpu"),
+             r"slurm: unknown field\(s\) \['partiton'\]"),
+    BadInput("a slurm section with the local launcher", train(slurm={"partition": "gpu"}),
+             r"a slurm section is set but launcher is local; set launcher: slurm"),
 ]  # fmt: skip
 
 
