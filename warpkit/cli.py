@@ -126,8 +126,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         "train",
         help="run the iterated WARP loop (M RL runs, SLERP, LITI, I iterations); resumable",
         description="Run Algorithm 1 of WARP from a YAML config. Each RL run is an `accelerate launch` "
-        "subprocess; re-running the same command resumes after a crash and skips finished work. "
-        "Any config field can be overridden: --iterations 3, --rl.beta 0.05, --output_dir DIR.",
+        "subprocess, or a SLURM job with --launcher slurm (--detach: Ctrl-C leaves the jobs running); re-running "
+        "the same command resumes. Override any field: --iterations 3, --rl.beta 0.05, --output_dir DIR.",
     )
     p.add_argument("config", help="YAML config, e.g. configs/warp_tiny.yaml")
     p.set_defaults(run=_train)
@@ -387,12 +387,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CommandError as e:
         print(str(e), file=sys.stderr)
         raise
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RunFailedError) as e:
         print(f"warpkit: error: {e}", file=sys.stderr)
-        return 2
-    except RunFailedError as e:  # a run's own error, with its log's tail: not a user-input error
-        print(f"warpkit: error: {e}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(e, RunFailedError) else 2  # a run's own error (with its log) is not bad input
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the driver turns it into this): rerun to resume
+        print("warpkit: interrupted; run the same command again to resume.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -153,3 +153,46 @@ def test_an_unknown_partition_is_refused_before_any_submission(warp_tiny_run, tm
     assert done.returncode == 2, done.stderr[-3000:]
     assert "slurm.partition='nope' is not a partition of this cluster" in done.stderr
     assert not (out / "warp_manifest.json").exists()
+
+
+def test_sigterm_cancels_the_jobs_unless_detached(warp_tiny_run, tmp_path):
+    """SIGTERM (or Ctrl-C) of the driver: its jobs are cancelled; with --detach they go on, and the next
+    driver re-attaches to them. The result is still the local run's, bit for bit."""
+    reference, _, env = warp_tiny_run
+    env = {**env, "WARPKIT_TEST_REWARD_SLEEP": "1.5"}
+    out = tmp_path / "warp"
+    cmd = [sys.executable, "-m", "warpkit.cli", "train", "configs/warp_tiny.yaml", "--output_dir", str(out),
+           *ONE_ITERATION, *SLOW_REWARD]  # fmt: skip
+
+    def start_and_terminate(*extra: str) -> tuple[list[str], str]:
+        """Start a driver, SIGTERM it once both jobs run; (the ids of those jobs, its stderr)."""
+        known = {k: len(v) for k, v in _jobs(out).items()} if (out / "warp_manifest.json").is_file() else {}
+        driver = subprocess.Popen([*cmd, *extra], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+        _wait(lambda: (out / "warp_manifest.json").is_file()
+              and all(len(v) > known.get(k, 0) for k, v in _jobs(out).items()) and len(_jobs(out)) == 2,
+              what="two new submissions")  # fmt: skip
+        ids = [v[-1] for v in _jobs(out).values()]
+        _wait(lambda: all(_state(i) == "RUNNING" for i in ids), what="both jobs running")
+        driver.send_signal(signal.SIGTERM)
+        _, err = driver.communicate(timeout=120)
+        assert driver.returncode == 130 and "interrupted; run the same command again" in err, err[-3000:]
+        return ids, err
+
+    cancelled, err = start_and_terminate()
+    assert "cancelled jobs" in err
+    _wait(lambda: all(_state(i).startswith("CANCELLED") for i in cancelled), 60, "the jobs cancelled")
+    detached, err = start_and_terminate("--detach")
+    assert set(detached).isdisjoint(cancelled) and "left jobs" in err and "running (--detach)" in err
+    assert all(_state(i) in ("RUNNING", "COMPLETING", "COMPLETED") for i in detached)
+    done = warpkit_cli("train", "configs/warp_tiny.yaml", "--output_dir", str(out), *ONE_ITERATION,
+                       *SLOW_REWARD, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [v[-1] for v in _jobs(out).values()] == detached and "re-attached to job" in done.stderr
+    assert all(len(v) == 2 for v in _jobs(out).values())  # one cancelled, one detached and re-attached
+    _same_next_init(out, reference)
+
+
+def _state(job_id: str) -> str:
+    from warpkit.loop.scheduler import job_state
+
+    return job_state(job_id)
