@@ -153,6 +153,15 @@ def test_an_unknown_partition_is_refused_before_any_submission(warp_tiny_run, tm
     assert done.returncode == 2, done.stderr[-3000:]
     assert "slurm.partition='nope' is not a partition of this cluster" in done.stderr
     assert not (out / "warp_manifest.json").exists()
+    cpus = int(subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True).stdout.split()[0])
+    done = warpkit_cli("train", "configs/warp_tiny.yaml", "--output_dir", str(out), *ONE_ITERATION,
+                       "--slurm.cpus_per_task", str(cpus * 32), env=env)  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert (
+        "sbatch --test-only refuses the slurm settings" in done.stderr
+        and "Fix the slurm section" in done.stderr
+    )
+    assert not (out / "warp_manifest.json").exists()
 
 
 def test_sigterm_cancels_the_jobs_unless_detached(warp_tiny_run, tmp_path):

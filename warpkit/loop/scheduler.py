@@ -38,8 +38,8 @@ LIVE_STATES = {
 }  # fmt: skip
 
 
-class SlurmError(RuntimeError):
-    """A scheduler command failed: the message has the command and what it printed."""
+class SlurmError(RunFailedError):
+    """A scheduler command failed (e.g. sbatch refused a job): the command and what it printed; exit 1."""
 
 
 def _slurm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -68,6 +68,15 @@ def check_slurm(config: SlurmConfig) -> None:
                 f"slurm.partition={config.partition!r} is not a partition of this cluster; choose one of "
                 f"{known} (sinfo lists them)."
             )
+    # The scheduler's own verdict on the whole request (account, qos, limits), without submitting anything.
+    flags = config.sbatch_flags()
+    done = _slurm("sbatch", "--test-only", *flags, "--wrap", "true", check=False)
+    if done.returncode != 0:
+        why = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
+        raise ValueError(
+            f"sbatch --test-only refuses the slurm settings {' '.join(flags)}: {why}. Fix the slurm section "
+            "(e.g. slurm.cpus_per_task, slurm.mem, slurm.account)."
+        )
 
 
 def job_state(job_id: str) -> str:
