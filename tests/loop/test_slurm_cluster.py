@@ -30,8 +30,8 @@ pytestmark = [
     ),
 ]
 
-ONE_ITERATION = ["--iterations", "1", "--baselines", "[]", "--frontier", "null", "--launcher", "slurm",
-                 "--slurm.poll_seconds", "0.5", "--slurm.cpus_per_task", "1"]  # fmt: skip
+SLURM = ["--launcher", "slurm", "--slurm.poll_seconds", "0.5", "--slurm.cpus_per_task", "1"]
+ONE_ITERATION = ["--iterations", "1", "--baselines", "[]", "--frontier", "null", *SLURM]
 SLOW_REWARD = ["--rl.reward_funcs", "[tests.loop.slurm_rewards:vader_reward]"]
 
 
@@ -63,18 +63,24 @@ def _same_next_init(out: Path, reference: Path) -> None:
 
 
 def test_the_tiny_config_through_slurm_is_bitwise_the_local_run(warp_tiny_run, tmp_path):
+    """The whole tiny config (I = 2, M = 2, a baseline, the frontier), each run a job: one job per run in
+    sacct, the final init bitwise the local launcher's."""
     reference, finished, env = warp_tiny_run
     assert finished.returncode == 0, finished.stderr[-3000:]
     out = tmp_path / "warp"
-    done = warpkit_cli("train", "configs/warp_tiny.yaml", "--output_dir", str(out), *ONE_ITERATION, env=env)
+    done = warpkit_cli("train", "configs/warp_tiny.yaml", "--output_dir", str(out), *SLURM, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    _same_next_init(out, reference)
+    for name in ("iter_1/next_init", "iter_2/next_init"):
+        got, want = load_state(out / name), load_state(reference / name)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got), name
     jobs = _jobs(out)
-    assert sorted(jobs) == ["iter_1/run_1", "iter_1/run_2"] and all(len(ids) == 1 for ids in jobs.values())
+    runs = [f"iter_{i}/run_{m}" for i in (1, 2) for m in (1, 2)] + ["baselines/sft_anchor_beta0_1"]
+    assert sorted(jobs) == sorted(runs) and all(len(ids) == 1 for ids in jobs.values())
     manifest = json.loads((out / "warp_manifest.json").read_text())
     names = [manifest["jobs"][k][0]["name"] for k in sorted(jobs)]
     assert _scheduler_count(names) == {n: 1 for n in names}  # sacct: one job per run
     assert all(manifest["steps"][k]["slurm_jobs"] == jobs[k] for k in jobs)
+    assert (out / "frontier" / "frontier.json").is_file()
 
 
 def _squeue(prefix: str) -> dict[str, str]:
