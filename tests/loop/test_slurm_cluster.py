@@ -131,6 +131,9 @@ def test_driver_killed_reattaches_and_a_cancelled_job_resumes_without_accounting
     jobs = _jobs(out)
     assert jobs["iter_1/run_2"] == first["iter_1/run_2"]  # re-attached: never submitted twice
     assert len(jobs["iter_1/run_1"]) == 2 and jobs["iter_1/run_1"][0] == first["iter_1/run_1"][0]
+    names = {k: v[0]["name"] for k, v in json.loads((out / "warp_manifest.json").read_text())["jobs"].items()}
+    counts = _scheduler_count(list(names.values()))  # the real sacct, from here: what the scheduler ran
+    assert counts == {names["iter_1/run_1"]: 2, names["iter_1/run_2"]: 1}
     info = json.loads((run_1 / "run_info.json").read_text())
     assert info["resumed_from"] is not None and "checkpoint-" in info["resumed_from"]
     driver_log = (tmp_path / "driver.log").read_text()
