@@ -42,9 +42,23 @@ Modules, imports pointing down (callback -> layouts, lora -> ema; trl_adapter im
 - `callback`: `EMAAnchorCallback`, the Trainer events, logging and checkpoint files.
 """
 
-from warpkit.anchor.callback import EMAAnchorCallback
+from warpkit.anchor.bema import BEMAAnchorCallback, bema_update_
+from warpkit.anchor.callback import AnchorCallback, EMAAnchorCallback
+from warpkit.anchor.elastic import ElasticResetCallback
 from warpkit.anchor.ema import ema_update_
 from warpkit.anchor.lora import LoraMode
+from warpkit.anchor.schedules import BemaSchedule, ElasticSchedule
 from warpkit.anchor.trl_adapter import TrlInternalsError
 
-__all__ = ["EMAAnchorCallback", "LoraMode", "TrlInternalsError", "ema_update_"]
+__all__ = [
+    "AnchorCallback",
+    "BEMAAnchorCallback",
+    "BemaSchedule",
+    "EMAAnchorCallback",
+    "ElasticResetCallback",
+    "ElasticSchedule",
+    "LoraMode",
+    "TrlInternalsError",
+    "bema_update_",
+    "ema_update_",
+]
