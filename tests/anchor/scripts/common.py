@@ -105,3 +105,16 @@ def ema_reference(snapshots: list[dict[str, torch.Tensor]], ema_rate: float, upd
             for n in anchor:
                 anchor[n] = (1 - ema_rate) * anchor[n] + ema_rate * snap[n]
     return anchor
+
+
+def load_perturbed(model_dir, dtype=torch.float32, scale: float = 0.01):
+    """The tiny model with its weights shifted in memory, so TRL's reference (re-read from disk) differs from
+    the policy the run starts from."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen).to(p.dtype))
+    return model
