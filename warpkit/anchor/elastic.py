@@ -18,11 +18,11 @@ Choices made here:
   policy's), so the reset EMA <- init is exact.
 - The EMA is an fp32 tracker of its own (bf16 cannot hold an update of size mu = 0.005).
 - At a reset only the policy's weights change: the optimizer state (Adam's moments, its step count) and the
-  learning-rate schedule carry on as they are, as in the paper, which resets weights only.
-- Full fine-tuning, single process or DDP (every rank resets its replica identically). Refused: a `PeftModel`
-  (the EMA of W0 + s B A is full rank and cannot be written back into rank-r factors), DeepSpeed and FSDP
-  (their optimizers keep their own copy of the weights, fp32 and partitioned, which would undo the reset at
-  the next step).
+  learning-rate schedule carry on as they are (the paper resets weights, not the optimizer).
+- Full fine-tuning, single process, or DDP (every rank resets its replica identically). Refused: a
+  `PeftModel` (the EMA of W0 + s B A is full rank and cannot be written back into rank-r factors), DeepSpeed
+  and FSDP (their optimizers keep their own copy of the weights, fp32 and partitioned, which would undo the
+  reset at the next step).
 
 Checkpoints: `warpkit_anchor.safetensors`, layout `elastic_reset_full`, holds `ema.<name>` and `init.<name>`
 and the counters `num_updates`, `num_resets`: a run resumed between two resets continues bitwise as one that
