@@ -4,7 +4,7 @@ Each check has two references that share no code with warpkit, on the same seque
 
 - TRL's own `trl.trainer.callbacks.BEMACallback` (its `running_model`), fed the very same weights: TRL's
   schedule and arithmetic (fp32, `mul_`/`add_`), not warpkit's;
-- `bema_reference`, the rule recomputed here in float64 from the formulas of TRL's docstring:
+- `bema_reference` (tests/anchor/scripts/common.py), the rule recomputed in float64 from TRL's docstring:
   t < tau: nothing; t == tau: theta_0 = EMA = theta_t; (t - tau) % phi == 0:
   beta = max((rho + gamma t)^-kappa, floor), alpha = (rho + gamma t)^-eta,
   EMA = (1 - beta) EMA + beta theta_t, anchor = EMA + alpha (theta_t - theta_0); anchor = theta_0 = EMA = the
@@ -24,30 +24,10 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, TrainerControl, TrainerState
 from trl.trainer.callbacks import BEMACallback
 
-from tests.anchor.scripts.common import PolicySnapshots, load_perturbed, make_trainer
+from tests.anchor.scripts.common import PolicySnapshots, bema_reference, load_perturbed, make_trainer
 from warpkit.anchor import BEMAAnchorCallback, BemaSchedule
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-def bema_reference(snapshots: list[dict], *, update_freq, ema_power, bias_power, lag, update_after,
-                   multiplier=1.0, min_ema_multiplier=0.0) -> tuple[dict, dict, dict]:  # fmt: skip
-    """(anchor, EMA, theta_0) in float64 after the last snapshot; snapshots[t] = the policy after step t."""
-    anchor = {n: t.clone() for n, t in snapshots[0].items()}
-    ema, theta0 = dict(anchor), dict(anchor)
-    for t, policy in enumerate(snapshots[1:], start=1):
-        if t < update_after:
-            continue
-        if t == update_after:
-            theta0, ema = dict(policy), dict(policy)
-            continue
-        if (t - update_after) % update_freq:
-            continue
-        base = lag + multiplier * t
-        beta, alpha = max(base**-ema_power, min_ema_multiplier), base**-bias_power
-        ema = {n: (1 - beta) * ema[n] + beta * policy[n] for n in ema}
-        anchor = {n: ema[n] + alpha * (policy[n] - theta0[n]) for n in ema}
-    return anchor, ema, theta0
 
 
 def _max_diff(a: dict, b: dict) -> float:

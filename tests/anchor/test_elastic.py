@@ -1,8 +1,8 @@
 """ElasticResetCallback on a real RLOO run: the policy, the EMA and the KL reference against the rule in float64.
 
 Two snapshot callbacks surround the one under test, so each step is seen before the reset (pre_t: the policy
-the optimizer produced) and after it (post_t: what the next step starts from). Recomputed here in float64,
-with init = pre_0 (the policy when training starts):
+the optimizer produced) and after it (post_t: what the next step starts from). Recomputed in float64 by
+`elastic_reference` (tests/anchor/scripts/common.py), with init = pre_0 (the policy when training starts):
 
     EMA = init;  for t = 1..T: EMA = (1 - mu) EMA + mu pre_t;  if t % n == 0: post_t = EMA, EMA = init
                                                                   else:          post_t = pre_t
@@ -19,24 +19,10 @@ from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from tests.anchor.scripts.common import PolicySnapshots, load_perturbed, make_trainer
+from tests.anchor.scripts.common import PolicySnapshots, elastic_reference, load_perturbed, make_trainer
 from warpkit.anchor import ElasticResetCallback
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-def elastic_reference(pre: list[dict], ema_rate: float, reset_every: int) -> tuple[list[dict], dict]:
-    """(post_t for t = 0..T, the final EMA) in float64 from the pre-reset policies pre_0..pre_T."""
-    init = pre[0]
-    ema, post = dict(init), [dict(init)]
-    for t, policy in enumerate(pre[1:], start=1):
-        ema = {n: (1 - ema_rate) * ema[n] + ema_rate * policy[n] for n in ema}
-        if t % reset_every == 0:
-            post.append(ema)
-            ema = dict(init)
-        else:
-            post.append(policy)
-    return post, ema
 
 
 class AdamSteps(PolicySnapshots):

@@ -12,8 +12,8 @@ start of training (the init), whatever TRL loaded as its reference. TRL's callba
 separate `running_model` for evaluation; here it is written into TRL's reference, so RLOO/GRPO's KL term is
 taken against it.
 
-Where the state lives (full fine-tuning only: plain module, DDP, DeepSpeed ZeRO-1/2, ZeRO-3 local slices; a
-`PeftModel` is refused): the EMA in fp32 (its own tensors: the reference holds the anchor, not the EMA),
+Where the state lives (full fine-tuning only: plain module, DDP, DeepSpeed ZeRO-1/2, ZeRO-3 local slices, of
+which one process, DDP and ZeRO-3 are tested; a `PeftModel` is refused): the EMA in fp32 (its own tensors: the reference holds the anchor, not the EMA),
 theta_0 in the policy's dtype (a copy of the policy, exact), the anchor in the reference's parameters (cast
 once from fp32). Memory: 4 bytes (EMA) plus one policy-sized copy (theta_0) per parameter.
 

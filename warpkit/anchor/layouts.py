@@ -12,6 +12,8 @@
 strings are a file format, so old checkpoints keep loading; never change them. The callback only calls
 methods (`reset_to_policy`, `update`, `squared_distance_parts`, `state_file_name`, `state_dict`,
 `load_state_dict`); it never asks which layout it holds. The LoRA layouts are in `warpkit.anchor.lora`.
+The anchor's relatives add their own kinds over `FullLayout` / `Zero3Layout` (built with `shadow=False`):
+"bema_full", "bema_zero3" (`warpkit.anchor.bema`) and "elastic_reset_full" (`warpkit.anchor.elastic`).
 
 Symbols as in the paper: mu = `ema_rate`; the anchor starts equal to the policy (`reset_to_policy`).
 """
