@@ -89,8 +89,9 @@ class BemaLayout(Layout):
     def __init__(self, base: TensorLayout) -> None:
         self.base = base
         self.kind = f"bema_{base.kind}"  # "bema_full" or "bema_zero3": a file format, never change them
-        self.ema = [torch.empty(s.shape, dtype=torch.float32, device=s.device) for s in base.sources]
-        self.theta0 = [torch.empty_like(s) for s in base.sources]
+        # the policy until `reset_to_policy` / `load_state_dict` (never uninitialised memory)
+        self.ema = [s.detach().to(torch.float32, copy=True) for s in base.sources]
+        self.theta0 = [s.detach().clone() for s in base.sources]
         names = [f"{part}.{n}" for part in ("ema", "theta0", "anchor") for n in base.names]
         super().__init__(names, self.ema + self.theta0 + list(base.targets))
 

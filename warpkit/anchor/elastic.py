@@ -53,7 +53,7 @@ class ElasticResetLayout(Layout):
 
     def __init__(self, base: FullLayout) -> None:
         self.base = base
-        self.ema = [torch.empty(s.shape, dtype=torch.float32, device=s.device) for s in base.sources]
+        self.ema = [s.detach().to(torch.float32, copy=True) for s in base.sources]  # the policy until a reset
         names = [f"{part}.{n}" for part in ("ema", "init") for n in base.names]
         super().__init__(names, self.ema + list(base.targets))
 
