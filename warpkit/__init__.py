@@ -14,6 +14,8 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _LAZY: dict[str, str] = {
     "EMAAnchorCallback": "warpkit.anchor",
+    "BEMAAnchorCallback": "warpkit.anchor",
+    "ElasticResetCallback": "warpkit.anchor",
     "task_vector": "warpkit.merge.math",
     "lerp": "warpkit.merge.math",
     "slerp": "warpkit.merge.math",

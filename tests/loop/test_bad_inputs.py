@@ -94,6 +94,14 @@ CASES = [
     BadInput("unknown rl field", train(rl={**RL, "no_such_field": 1}), r"invalid rl: .*no_such_field"),
     BadInput("`rl.algorithm: ppo`", train(rl={**RL, "algorithm": "ppo"}), r"invalid rl: algorithm='ppo': choose one of"),
     BadInput("`rl.ema_rate: 1.5`", train(rl={**RL, "ema_rate": 1.5}), r"invalid rl: ema_rate=1\.5 must be in \(0, 1\]"),
+    BadInput(
+        "`rl.anchor: elastic_reset` without `reset_every`", train(rl={**RL, "anchor": "elastic_reset"}),
+        r"invalid rl: reset_every=None: anchor='elastic_reset' needs reset_every = n >= 1",
+    ),
+    BadInput(
+        "`rl.bema_update_freq: 0` with `rl.anchor: bema`", train(rl={**RL, "anchor": "bema", "bema_update_freq": 0}),
+        r"invalid rl: bema_update_freq must be an integer >= 1 \(optimizer steps\), got 0",
+    ),
     BadInput("`rl.max_steps: 0`", train(rl={**RL, "max_steps": 0}), r"invalid rl: max_steps=0 trains nothing"),
     BadInput(
         "reward function cannot be imported", train(rl={**RL, "reward_funcs": ["mypkg.rewards:score"]}),

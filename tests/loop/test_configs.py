@@ -47,3 +47,20 @@ def test_warp_config_parses(path, tmp_path):
             * run.get("gradient_accumulation_steps", 1)
             == 128
         )  # the paper's batch
+
+
+def test_baselines_of_every_anchor_kind_get_a_frontier_label(tmp_path):
+    """A baseline per `rl.anchor` kind is labelled in the frontier config the driver writes."""
+    from warpkit.loop.config import WarpConfig
+    from warpkit.loop.evaluate import frontier_document
+
+    kinds = {"sft": {}, "ema": {}, "bema": {}, "elastic_reset": {"reset_every": 2}}
+    config = WarpConfig(
+        model_name_or_path="sft", output_dir=str(tmp_path), rl={"max_steps": 2, "beta": 0.1},
+        baselines=[{"name": kind, "rl": {"anchor": kind, **extra}} for kind, extra in kinds.items()],
+    )  # fmt: skip
+    doc = frontier_document(config, tmp_path / "sft", tmp_path)
+    baselines = [p for p in doc["policies"] if p["name"] in kinds]
+    assert [p["method"] for p in baselines] == [f"{kind}_anchor" for kind in kinds]
+    assert all(doc["method_labels"][p["method"]] for p in baselines)
+    assert baselines[-1]["params"] == {"beta": 0.1, "reset_every": 2}

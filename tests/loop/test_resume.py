@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from safetensors import safe_open
 
 from warpkit.loop.checkpoints import RECORD_NAME, resume_point, verify_checkpoint
 from warpkit.loop.rl import main
@@ -117,3 +118,44 @@ def test_resume_point_skips_what_does_not_verify(tmp_path):
         verify_checkpoint(tmp_path / "checkpoint-5", with_anchor=False)
         == "incomplete (no trainer_state.json)"
     )
+
+
+@pytest.mark.parametrize(
+    ("anchor", "settings", "layout"),
+    [
+        ("elastic_reset", {"reset_every": 2, "ema_rate": 0.3}, "elastic_reset_full"),
+        ("bema", {"bema_update_freq": 2, "bema_lag": 1.0}, "bema_full"),
+    ],
+)
+def test_a_relative_of_the_ema_resumed_between_two_of_its_events_ends_bitwise(
+    anchor, settings, layout, tiny_model_factory, tmp_path
+):
+    """Elastic Reset resets after steps 2 and 4, BEMA updates after steps 2 and 4: a run killed before
+    checkpoint-4 was written resumes from checkpoint-3 (its anchor state restored) and ends bitwise as the
+    uninterrupted run, step 4's reset or update included."""
+    run = {
+        **RUN,
+        "anchor": anchor,
+        **settings,
+        "max_steps": 4,
+        "model_name_or_path": str(tiny_model_factory()),
+    }
+    out = tmp_path / "full" / "run"
+    config = tmp_path / "full.yaml"
+    config.write_text(yaml.safe_dump({**run, "output_dir": str(out)}))
+    main(["--config", str(config)])
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["anchor"] == anchor and info["anchor_settings"] == {**info["anchor_settings"], **settings}
+    with safe_open(str(out / "checkpoint-3" / "warpkit_anchor.safetensors"), "pt") as f:
+        assert f.metadata()["layout"] == layout
+
+    again = tmp_path / "again" / "run"
+    shutil.copytree(out, again)
+    for gone in ("policy", "checkpoint-4"):
+        shutil.rmtree(again / gone)
+    (again / "run_info.json").unlink()
+    config.write_text(yaml.safe_dump({**run, "output_dir": str(again)}))
+    main(["--config", str(config)])
+    info = json.loads((again / "run_info.json").read_text())
+    assert info["resumed_from"] == str(again / "checkpoint-3") and info["global_step"] == 4
+    _same_policy(again, out)

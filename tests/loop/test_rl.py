@@ -17,8 +17,9 @@ import yaml
 from trl import GRPOConfig, RLOOConfig
 from trl.trainer.utils import is_async_callable
 
+from warpkit.loop.anchors import anchor_settings
 from warpkit.loop.rewards import FiniteReward, finite_reward
-from warpkit.loop.rl import build_trainer, parse_args, reward_funcs
+from warpkit.loop.rl import build_trainer, check_settings, parse_args, reward_funcs
 
 THIS = "tests.loop.test_rl"
 PROMPTS = ["The film opens with", "I went in expecting", "The lead actor is", "Overall, this movie is"]
@@ -86,6 +87,54 @@ def test_unknown_algorithm_is_refused_in_either_spelling():
     for argv in (["--algorithm=ppo"], ["--algorithm", "ppo"]):
         with pytest.raises(ValueError, match=r"algorithm='ppo': choose one of \('rloo', 'grpo'\)"):
             parse_args([*argv, *BASE])
+
+
+# ----------------------------------------------------------------------------- the anchor kinds
+
+
+def test_each_anchor_kind_is_read_with_its_settings():
+    rl_args, _, _ = parse_args(
+        ["--anchor", "elastic_reset", "--reset_every", "50", "--ema_rate", "0.005", *BASE]
+    )
+    assert (rl_args.anchor, rl_args.reset_every, rl_args.ema_rate) == ("elastic_reset", 50, 0.005)
+    assert anchor_settings(rl_args) == {"reset_every": 50, "ema_rate": 0.005, "ema_update_every": 1}
+    rl_args, _, _ = parse_args(["--anchor", "bema", "--bema_lag", "2", "--bema_update_after", "5", *BASE])
+    assert rl_args.bema_settings() == {
+        "update_freq": 1, "ema_power": 0.5, "bias_power": 0.2, "lag": 2.0, "update_after": 5,
+        "multiplier": 1.0, "min_ema_multiplier": 0.0,
+    }  # fmt: skip
+    assert anchor_settings(parse_args(["--anchor", "sft", *BASE])[0]) == {}
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"anchor": "lagged"}, r"anchor='lagged': choose 'ema' \(WARP\), 'bema', 'elastic_reset' or 'sft'"),
+        ({"anchor": "elastic_reset"}, r"reset_every=None: anchor='elastic_reset' needs reset_every = n >= 1"),
+        ({"anchor": "elastic_reset", "reset_every": 0}, r"reset_every=0: anchor='elastic_reset' needs"),
+        ({"anchor": "ema", "reset_every": 10}, r"reset_every=10 is set but anchor='ema'"),
+        ({"anchor": "elastic_reset", "reset_every": 2, "ema_rate": 0.0}, r"ema_rate=0.0 must be in \(0, 1\]"),
+        ({"anchor": "bema", "bema_update_freq": 0}, r"bema_update_freq must be an integer >= 1"),
+        (
+            {"anchor": "bema", "bema_lag": 0.0, "bema_multiplier": 0.5},
+            r"bema_lag \+ bema_multiplier must be >= 1",
+        ),
+        ({"anchor": "bema", "bema_ema_power": -1.0}, r"bema_ema_power must be a finite number >= 0"),
+        (
+            {"anchor": "bema", "bema_min_ema_multiplier": 2.0},
+            r"bema_min_ema_multiplier must be a number in \[0, 1\]",
+        ),
+        ({"anchor": "bema", "beta": 0.0}, r"beta=0 with anchor='bema': TRL loads no reference model"),
+        ({"anchor": "elastic_reset", "reset_every": 2, "beta": 0.0}, r"beta=0 with anchor='elastic_reset'"),
+        ({"anchor": "bema", "sync_ref_model": True}, r"sync_ref_model=True rewrites the reference"),
+        ({"anchor": "elastic_reset", "reset_every": 2, "use_peft": True}, r"supports full fine-tuning only"),
+        ({"anchor": "bema", "use_peft": True}, r"anchor='bema' supports full fine-tuning only"),
+    ],
+)
+def test_bad_anchor_settings_are_refused_when_the_run_is_parsed(fields, message):
+    run = {"model_name_or_path": "sft", "output_dir": "out", "use_cpu": True, **fields}
+    with pytest.raises(ValueError, match=message):
+        check_settings(run)
 
 
 # ----------------------------------------------------------------------------- non-finite rewards, unit

@@ -33,18 +33,42 @@ Cost per update: fp32, one pass reading policy and anchor and writing the anchor
 it at the speed of a single `lerp_` over a flat buffer); bf16/fp16, the fp32 shadow adds 4 bytes per parameter
 of memory and is updated cache-blocked. LoRA exact: one `addmm_` per adapted layer.
 
-Modules, imports pointing down (callback -> layouts, lora -> ema; trl_adapter imports nothing of warpkit):
+Modules, imports pointing down (bema, elastic -> callback -> layouts, lora -> ema; trl_adapter imports
+nothing of warpkit):
 
 - `ema`: the update rules as pure torch functions over tensor lists (and the LoRA delta's dense EMA);
 - `layouts`: the `Layout` interface, full fine-tuning with fp32 shadows, ZeRO-3 local slices;
 - `lora`: the LoRA layouts (exact D, factors) and the checks of what LoRA setups are supported;
 - `trl_adapter`: the only module touching TRL/Trainer private internals, checked when the callback is built;
-- `callback`: `EMAAnchorCallback`, the Trainer events, logging and checkpoint files.
+- `callback`: `AnchorCallback` (the Trainer events and checkpoint files every kind shares) and
+  `EMAAnchorCallback`.
+
+The EMA's relatives, each a callback over the same layouts and state-file machinery:
+
+- `schedules`: when they act and with which coefficients (plain Python, imported by the RL config's checks);
+- `bema`: `BEMAAnchorCallback`, the reference is the bias-corrected EMA of the policy (BEMA, arXiv 2508.00180,
+  as TRL's `BEMACallback` computes it);
+- `elastic`: `ElasticResetCallback`, the reference stays the init; every n steps policy <- EMA, EMA <- init
+  (Elastic Reset, arXiv 2312.07551).
 """
 
-from warpkit.anchor.callback import EMAAnchorCallback
+from warpkit.anchor.bema import BEMAAnchorCallback, bema_update_
+from warpkit.anchor.callback import AnchorCallback, EMAAnchorCallback
+from warpkit.anchor.elastic import ElasticResetCallback
 from warpkit.anchor.ema import ema_update_
 from warpkit.anchor.lora import LoraMode
+from warpkit.anchor.schedules import BemaSchedule, ElasticSchedule
 from warpkit.anchor.trl_adapter import TrlInternalsError
 
-__all__ = ["EMAAnchorCallback", "LoraMode", "TrlInternalsError", "ema_update_"]
+__all__ = [
+    "AnchorCallback",
+    "BEMAAnchorCallback",
+    "BemaSchedule",
+    "EMAAnchorCallback",
+    "ElasticResetCallback",
+    "ElasticSchedule",
+    "LoraMode",
+    "TrlInternalsError",
+    "bema_update_",
+    "ema_update_",
+]

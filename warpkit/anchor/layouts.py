@@ -12,6 +12,8 @@
 strings are a file format, so old checkpoints keep loading; never change them. The callback only calls
 methods (`reset_to_policy`, `update`, `squared_distance_parts`, `state_file_name`, `state_dict`,
 `load_state_dict`); it never asks which layout it holds. The LoRA layouts are in `warpkit.anchor.lora`.
+The anchor's relatives add their own kinds over `FullLayout` / `Zero3Layout` (built with `shadow=False`):
+"bema_full", "bema_zero3" (`warpkit.anchor.bema`) and "elastic_reset_full" (`warpkit.anchor.elastic`).
 
 Symbols as in the paper: mu = `ema_rate`; the anchor starts equal to the policy (`reset_to_policy`).
 """
@@ -104,10 +106,15 @@ class TensorLayout(Layout):
 
     `sources[i]` is read from the policy, `state[i]` holds the EMA (fp32 shadow of a bf16/fp16 target, else the
     target itself) and `targets[i]` is what the reference forward reads; all three have the same shape.
+    `shadow=False` makes the state the targets themselves whatever their dtype: the anchor's relatives
+    (`warpkit.anchor.bema`, `warpkit.anchor.elastic`) keep their own state and use this layout only for its
+    aligned tensors and its setup (file names, ZeRO-3 re-gathers and all-reduces).
     """
 
-    def __init__(self, names: list[str], sources: list[Tensor], targets: list[Tensor]) -> None:
-        super().__init__(names, fp32_state(targets))
+    def __init__(
+        self, names: list[str], sources: list[Tensor], targets: list[Tensor], *, shadow: bool = True
+    ) -> None:
+        super().__init__(names, fp32_state(targets) if shadow else list(targets))
         if not len(sources) == len(targets) == len(names):
             raise ValueError(f"Got {len(names)} names, {len(sources)} sources and {len(targets)} targets.")
         self.sources = sources
@@ -142,7 +149,13 @@ class FullLayout(TensorLayout):
 
     kind = "full"
 
-    def __init__(self, policy_params: Mapping[str, nn.Parameter], ref_params: Mapping[str, nn.Parameter]):
+    def __init__(
+        self,
+        policy_params: Mapping[str, nn.Parameter],
+        ref_params: Mapping[str, nn.Parameter],
+        *,
+        shadow: bool = True,
+    ):
         names = list(policy_params)
         check_same_tensors(
             {n: tuple(p.shape) for n, p in policy_params.items()},
@@ -151,7 +164,9 @@ class FullLayout(TensorLayout):
             "the policy",
             fix="The EMA anchor needs the reference to share the policy's architecture.",
         )
-        super().__init__(names, [policy_params[n].data for n in names], [ref_params[n].data for n in names])
+        super().__init__(
+            names, [policy_params[n].data for n in names], [ref_params[n].data for n in names], shadow=shadow
+        )
 
 
 class Zero3Layout(TensorLayout):
@@ -164,7 +179,13 @@ class Zero3Layout(TensorLayout):
 
     kind = "zero3"
 
-    def __init__(self, policy_params: Mapping[str, nn.Parameter], ref_params: Mapping[str, nn.Parameter]):
+    def __init__(
+        self,
+        policy_params: Mapping[str, nn.Parameter],
+        ref_params: Mapping[str, nn.Parameter],
+        *,
+        shadow: bool = True,
+    ):
         names = list(policy_params)
         check_same_tensors(
             {n: tuple(p.ds_shape) for n, p in policy_params.items()},
@@ -189,6 +210,7 @@ class Zero3Layout(TensorLayout):
             names,
             [policy_params[n].ds_tensor.data for n in names],
             [r.ds_tensor.data for r in self.ref_params],
+            shadow=shadow,
         )
 
     def after_targets_changed(self) -> None:
@@ -237,12 +259,13 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def full_layout(policy: nn.Module, ref: nn.Module) -> TensorLayout:
+def full_layout(policy: nn.Module, ref: nn.Module, *, shadow: bool = True) -> TensorLayout:
     """The layout for full fine-tuning of the bare `policy` against the bare reference `ref`.
 
-    `Zero3Layout` when the policy is ZeRO-3 partitioned (its parameters carry `ds_tensor`), else `FullLayout`.
+    `Zero3Layout` when the policy is ZeRO-3 partitioned (its parameters carry `ds_tensor`), else `FullLayout`;
+    `shadow` as in `TensorLayout`.
     """
     policy_params = dict(policy.named_parameters())
     ref_params = dict(ref.named_parameters())
     zero3 = any(hasattr(p, "ds_tensor") for p in policy_params.values())
-    return (Zero3Layout if zero3 else FullLayout)(policy_params, ref_params)
+    return (Zero3Layout if zero3 else FullLayout)(policy_params, ref_params, shadow=shadow)

@@ -1,7 +1,8 @@
 """The one module of warpkit's anchor that touches TRL / transformers `Trainer` internals.
 
 Written against TRL 1.16.0 (on transformers 5.24.0), by reading their source. `TrainerAdapter(trainer)` checks
-every internal it relies on when `EMAAnchorCallback` is constructed and raises `TrlInternalsError`, naming
+every internal it relies on when an anchor callback (`EMAAnchorCallback`, `BEMAAnchorCallback`,
+`ElasticResetCallback`) is constructed and raises `TrlInternalsError`, naming
 these versions and this file, when one is missing: a TRL upgrade breaks here, loudly and before training,
 not by silently losing the anchor's metrics or resuming with the SFT reference.
 
@@ -69,18 +70,19 @@ class TrlInternalsError(RuntimeError):
     """The trainer lacks a TRL/Trainer internal that `EMAAnchorCallback` relies on (a TRL version change)."""
 
 
-def check_trainer(trainer: Any) -> None:
+def check_trainer(trainer: Any, who: str = "EMAAnchorCallback") -> None:
     """Refuse a trainer the anchor does not support, naming its class and why (TypeError).
 
     Accepted: TRL's `GRPOTrainer` and `RLOOTrainer` and their subclasses, and objects that are no
-    `transformers.Trainer` at all but carry `args` and `beta` (stand-ins of tests and benchmarks).
+    `transformers.Trainer` at all but carry `args` and `beta` (stand-ins of tests and benchmarks). `who` names
+    the callback in the message.
     """
     from transformers import Trainer
 
     if not isinstance(trainer, Trainer):
         if getattr(trainer, "args", None) is None or not hasattr(trainer, "beta"):
             raise TypeError(
-                f"EMAAnchorCallback needs a TRL GRPOTrainer or RLOOTrainer instance, got {type(trainer).__name__}."
+                f"{who} needs a TRL GRPOTrainer or RLOOTrainer instance, got {type(trainer).__name__}."
             )
         return
     from trl import GRPOTrainer, RLOOTrainer
@@ -90,7 +92,7 @@ def check_trainer(trainer: Any) -> None:
     names = [c.__name__ for c in type(trainer).__mro__]
     why = next((_WHY_NOT[n] for n in names if n in _WHY_NOT), _WHY_NOT_OTHERS)
     raise TypeError(
-        f"EMAAnchorCallback supports TRL's GRPOTrainer and RLOOTrainer (and their subclasses), not "
+        f"{who} supports TRL's GRPOTrainer and RLOOTrainer (and their subclasses), not "
         f"{type(trainer).__name__}: {why}. Train with RLOOTrainer or GRPOTrainer (as `warpkit train` and "
         "`warpkit.loop.rl` do), or leave the callback out."
     )
@@ -104,20 +106,23 @@ class TrainerAdapter:
     `trainer._load_optimizer_and_scheduler` is not a method.
     """
 
-    def __init__(self, trainer: Any) -> None:
-        check_trainer(trainer)
+    def __init__(self, trainer: Any, who: str = "EMAAnchorCallback") -> None:
+        check_trainer(trainer, who)
         store = getattr(trainer, "_metrics", None)
         if not isinstance(store, dict) or not isinstance(store.get("train"), dict):
             raise TrlInternalsError(
                 _incompatible(
                     trainer,
+                    who,
                     f"`trainer._metrics` should be a dict with a 'train' dict of metric lists, got "
                     f"{_describe(store)}",
                 )
             )
         if not callable(getattr(trainer, "_load_optimizer_and_scheduler", None)):
             raise TrlInternalsError(
-                _incompatible(trainer, "`trainer._load_optimizer_and_scheduler(checkpoint)` does not exist")
+                _incompatible(
+                    trainer, who, "`trainer._load_optimizer_and_scheduler(checkpoint)` does not exist"
+                )
             )
         self.trainer = trainer
 
@@ -140,9 +145,9 @@ class TrainerAdapter:
         self.trainer._load_optimizer_and_scheduler = load_and_record
 
 
-def _incompatible(trainer: Any, what: str) -> str:
+def _incompatible(trainer: Any, who: str, what: str) -> str:
     return (
-        f"EMAAnchorCallback cannot attach to this {type(trainer).__name__}: {what}. warpkit's anchor was written "
+        f"{who} cannot attach to this {type(trainer).__name__}: {what}. warpkit's anchor was written "
         f"against TRL {TRL_VERSION} (transformers {TRANSFORMERS_VERSION}); installed: TRL "
         f"{_installed('trl')}, transformers {_installed('transformers')}. Every TRL internal the anchor uses is "
         f"in {ADAPTER_FILE}: update that one file for this TRL, or install trl=={TRL_VERSION}."

@@ -21,7 +21,12 @@ from warpkit.loop.manifest import Manifest, Step, fingerprint
 __all__ = ["baseline_specs", "evaluate_frontier", "frontier_document"]
 
 log = logging.getLogger(__name__)
-_ANCHOR_LABELS = {"sft": "RL, SFT anchor", "ema": "RL, EMA anchor, no merge"}
+_ANCHOR_LABELS = {
+    "sft": "RL, SFT anchor",
+    "ema": "RL, EMA anchor, no merge",
+    "bema": "RL, BEMA anchor, no merge",
+    "elastic_reset": "RL, Elastic Reset (SFT anchor)",
+}
 
 
 def baseline_specs(config: WarpConfig, sft: Path, out: Path) -> list[RunSpec]:
@@ -64,7 +69,7 @@ def frontier_document(config: WarpConfig, sft: Path, out: Path) -> dict[str, Any
                 "name": spec.name,
                 "method": f"{anchor}_anchor",
                 "trajectory": str(spec.output_dir / "checkpoint-*"),
-                "params": {k: spec.rl[k] for k in ("beta", "ema_rate") if k in spec.rl},
+                "params": {k: spec.rl[k] for k in ("beta", "ema_rate", "reset_every") if k in spec.rl},
             }
         )
     user = dict(config.frontier or {})

@@ -1,4 +1,5 @@
-"""One RL run of WARP (Algorithm 1, inner loop): TRL's RLOO or GRPO with the EMA anchor as KL reference.
+"""One RL run of WARP (Algorithm 1, inner loop): TRL's RLOO or GRPO with the EMA anchor as KL reference (or one
+of its relatives, `rl.anchor`: BEMA, Elastic Reset, or TRL's fixed SFT reference for baselines).
 
 Launched per run by the driver as `accelerate launch -m warpkit.loop.rl --config run.yaml` (or by hand through
 `trainers/rl.py`). Every field of TRL's `RLOOConfig`/`GRPOConfig`, TRL's `ModelConfig` (LoRA) and
@@ -21,6 +22,13 @@ from pathlib import Path
 
 from warpkit._util.config import load_yaml_mapping
 from warpkit._util.files import publish_dir, write_atomic
+from warpkit.loop.anchors import (
+    ANCHORS,
+    anchor_callback,
+    anchor_settings,
+    check_anchor_args,
+    check_anchor_fields,
+)
 from warpkit.loop.rewards import FiniteReward, check_reward_models, finite_reward
 from warpkit.workloads import load_prompt_dataset, resolve_model_path, reward_spec
 
@@ -39,7 +47,6 @@ __all__ = [
 POLICY_DIRNAME = "policy"  # the run's final policy, a save_pretrained folder (or LoRA adapter) in output_dir
 log = logging.getLogger(__name__)
 ALGORITHMS = ("rloo", "grpo")
-ANCHORS = ("ema", "sft")
 
 
 @dataclass
@@ -55,10 +62,24 @@ class RLArguments:
             downloaded dataset repository folder (read locally).
             It needs a `prompt` column (plain text or chat messages).
         dataset_split: split passed to a dataset function.
-        anchor: `"ema"` (WARP stage 1: the reference is an EMA of the policy) or `"sft"` (TRL's fixed
-            reference, the classic-RLHF baseline).
-        ema_rate: μ, the EMA rate: anchor <- (1 - μ) anchor + μ policy. Paper: 0.01.
-        ema_update_every: update the anchor every this many optimizer steps.
+        anchor: the KL reference (README, "The anchor (WARP stage 1) and its relatives"):
+            `"ema"` (WARP stage 1: an EMA of the policy, `warpkit.anchor.EMAAnchorCallback`),
+            `"bema"` (the bias-corrected EMA of the policy, `BEMAAnchorCallback`, TRL's BEMA rule),
+            `"elastic_reset"` (the reference stays the init; every n steps policy <- EMA of the policy, EMA <-
+            init, `ElasticResetCallback`), or `"sft"` (TRL's fixed reference, the classic-RLHF baseline).
+        ema_rate: μ, the EMA rate: ema <- (1 - μ) ema + μ policy, for `ema` (the anchor; WARP: 0.01) and
+            `elastic_reset` (its EMA; the paper's decay 0.995 is μ = 0.005).
+        ema_update_every: update that EMA every this many optimizer steps (`ema`, `elastic_reset`).
+        reset_every: n >= 1, optimizer steps between two resets of `elastic_reset` (required by it, refused
+            with other anchors).
+        bema_update_freq: φ >= 1, optimizer steps between BEMA updates (TRL's `update_freq`; its default 400
+            keeps an evaluation model, an anchor moves every step).
+        bema_ema_power: κ >= 0, EMA rate β_t = (ρ + γ t)^-κ (TRL's `ema_power`).
+        bema_bias_power: η >= 0, correction α_t = (ρ + γ t)^-η (TRL's `bias_power`).
+        bema_lag: ρ >= 0 (TRL's `lag`); ρ + γ >= 1.
+        bema_update_after: τ >= 0, burn-in steps before θ_0 is taken (TRL's `update_after`).
+        bema_multiplier: γ >= 0 (TRL's `multiplier`).
+        bema_min_ema_multiplier: a floor in [0, 1] for β_t (TRL's `min_ema_multiplier`).
     """
 
     algorithm: str = field(default="rloo", metadata={"help": "rloo (default, the paper's) or grpo."})
@@ -71,21 +92,47 @@ class RLArguments:
         metadata={"help": "'module:function' returning a Dataset, a data file, or a save_to_disk folder."},
     )
     dataset_split: str = field(default="train", metadata={"help": "Split passed to a dataset function."})
-    anchor: str = field(default="ema", metadata={"help": "ema (WARP) or sft (fixed reference baseline)."})
-    ema_rate: float = field(default=0.01, metadata={"help": "mu: anchor <- (1 - mu) anchor + mu policy."})
-    ema_update_every: int = field(default=1, metadata={"help": "Anchor update period in optimizer steps."})
+    anchor: str = field(
+        default="ema",
+        metadata={"help": "ema (WARP), bema, elastic_reset, or sft (fixed reference baseline)."},
+    )
+    ema_rate: float = field(default=0.01, metadata={"help": "mu: ema <- (1 - mu) ema + mu policy."})
+    ema_update_every: int = field(default=1, metadata={"help": "EMA update period in optimizer steps."})
+    reset_every: int | None = field(
+        default=None, metadata={"help": "elastic_reset: n, steps between resets."}
+    )
+    bema_update_freq: int = field(default=1, metadata={"help": "bema: phi, steps between updates."})
+    bema_ema_power: float = field(
+        default=0.5, metadata={"help": "bema: kappa, beta_t = (rho + gamma t)^-kappa."}
+    )
+    bema_bias_power: float = field(
+        default=0.2, metadata={"help": "bema: eta, alpha_t = (rho + gamma t)^-eta."}
+    )
+    bema_lag: float = field(default=10.0, metadata={"help": "bema: rho, the lag."})
+    bema_update_after: int = field(default=0, metadata={"help": "bema: tau, burn-in steps."})
+    bema_multiplier: float = field(default=1.0, metadata={"help": "bema: gamma."})
+    bema_min_ema_multiplier: float = field(default=0.0, metadata={"help": "bema: floor of beta_t."})
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm={self.algorithm!r}: choose one of {ALGORITHMS}.")
         if self.anchor not in ANCHORS:
-            raise ValueError(f"anchor={self.anchor!r}: choose 'ema' (WARP) or 'sft' (fixed SFT reference).")
+            raise ValueError(
+                f"anchor={self.anchor!r}: choose 'ema' (WARP), 'bema', 'elastic_reset' or 'sft' (fixed SFT "
+                "reference)."
+            )
         if not 0 < self.ema_rate <= 1:
             raise ValueError(f"ema_rate={self.ema_rate} must be in (0, 1]; the paper uses 0.01.")
         if self.ema_update_every < 1:
             raise ValueError(f"ema_update_every={self.ema_update_every} must be a positive number of steps.")
         if isinstance(self.reward_funcs, str):
             self.reward_funcs = [self.reward_funcs]
+        check_anchor_fields(self)
+
+    def bema_settings(self) -> dict:
+        """The `bema_*` fields under TRL's `BEMACallback` names (`BEMAAnchorCallback`'s arguments)."""
+        names = ("update_freq", "ema_power", "bias_power", "lag", "update_after", "multiplier")
+        return {n: getattr(self, f"bema_{n}") for n in (*names, "min_ema_multiplier")}
 
 
 def reward_funcs(specs: Sequence[str]) -> list[str | FiniteReward]:
@@ -180,20 +227,11 @@ def check_args(rl_args: RLArguments, training_args, model_args) -> None:
             "max_steps=0 trains nothing: give a positive number of optimizer steps (or -1 to train "
             "num_train_epochs epochs)."
         )
-    if rl_args.anchor == "ema" and training_args.beta == 0:
-        raise ValueError(
-            "beta=0 with anchor='ema': TRL loads no reference model when beta is 0, so there is no KL anchor "
-            "to move. Set beta > 0 (the paper uses 0.1)."
-        )
-    if rl_args.anchor == "ema" and getattr(training_args, "sync_ref_model", False):
-        raise ValueError(
-            "sync_ref_model=True and anchor='ema' both rewrite the reference: keep one. WARP's EMA anchor is "
-            "TRL's sync with alpha = ema_rate and tau = 1, done exactly; set sync_ref_model=False."
-        )
+    check_anchor_args(rl_args, training_args, model_args)
 
 
 def build_trainer(rl_args: RLArguments, training_args, model_args):
-    """The TRL trainer for one run, with the EMA anchor callback attached when `anchor == "ema"`."""
+    """The TRL trainer for one run, with the anchor's callback attached (none for `anchor == "sft"`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOTrainer, RLOOTrainer, get_peft_config
@@ -233,12 +271,8 @@ def build_trainer(rl_args: RLArguments, training_args, model_args):
         processing_class=tokenizer,
     )
     check_reward_models(trainer, names)
-    if rl_args.anchor == "ema":
-        from warpkit.anchor import EMAAnchorCallback
-
-        trainer.add_callback(
-            EMAAnchorCallback(trainer, ema_rate=rl_args.ema_rate, update_every=rl_args.ema_update_every)
-        )
+    if rl_args.anchor != "sft":
+        trainer.add_callback(anchor_callback(trainer, rl_args))
     return trainer
 
 
@@ -278,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     output_dir, accelerator = Path(training_args.output_dir), trainer.accelerator
     if accelerator.is_main_process:  # a save killed mid-way; a resumed run may never reach save_policy
         shutil.rmtree(_policy_tmp(output_dir), ignore_errors=True)
-    resume = resume_point(output_dir, with_anchor=rl_args.anchor == "ema")
+    resume = resume_point(output_dir, with_anchor=rl_args.anchor != "sft")
     if resume is not None and finished_step(resume):  # killed after its last checkpoint: nothing to train
         done = publish_finished(resume, output_dir / POLICY_DIRNAME) if accelerator.is_main_process else True
         accelerator.wait_for_everyone()
@@ -304,6 +338,7 @@ def _write_run_info(
             "algorithm": rl_args.algorithm,
             "anchor": rl_args.anchor,
             "ema_rate": rl_args.ema_rate,
+            "anchor_settings": anchor_settings(rl_args),
             "beta": training_args.beta,
             "data_seed": training_args.data_seed,
             "num_processes": trainer.accelerator.num_processes,

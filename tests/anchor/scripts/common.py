@@ -105,3 +105,55 @@ def ema_reference(snapshots: list[dict[str, torch.Tensor]], ema_rate: float, upd
             for n in anchor:
                 anchor[n] = (1 - ema_rate) * anchor[n] + ema_rate * snap[n]
     return anchor
+
+
+def load_perturbed(model_dir, dtype=torch.float32, scale: float = 0.01):
+    """The tiny model with its weights shifted in memory, so TRL's reference (re-read from disk) differs from
+    the policy the run starts from."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen).to(p.dtype))
+    return model
+
+
+def bema_reference(snapshots: list[dict], *, update_freq, ema_power, bias_power, lag, update_after,
+                   multiplier=1.0, min_ema_multiplier=0.0) -> tuple[dict, dict, dict]:  # fmt: skip
+    """BEMA recomputed in float64 from TRL's docstring formulas: (anchor, EMA, theta_0) after the last snapshot;
+    snapshots[t] = the policy after step t (snapshots[0]: at the start). t < tau: nothing; t == tau:
+    theta_0 = EMA = theta_t; (t - tau) % phi == 0: beta = max((rho + gamma t)^-kappa, floor), alpha =
+    (rho + gamma t)^-eta, EMA = (1 - beta) EMA + beta theta_t, anchor = EMA + alpha (theta_t - theta_0)."""
+    anchor = {n: t.clone() for n, t in snapshots[0].items()}
+    ema, theta0 = dict(anchor), dict(anchor)
+    for t, policy in enumerate(snapshots[1:], start=1):
+        if t < update_after:
+            continue
+        if t == update_after:
+            theta0, ema = dict(policy), dict(policy)
+            continue
+        if (t - update_after) % update_freq:
+            continue
+        base = lag + multiplier * t
+        beta, alpha = max(base**-ema_power, min_ema_multiplier), base**-bias_power
+        ema = {n: (1 - beta) * ema[n] + beta * policy[n] for n in ema}
+        anchor = {n: ema[n] + alpha * (policy[n] - theta0[n]) for n in ema}
+    return anchor, ema, theta0
+
+
+def elastic_reference(pre: list[dict], ema_rate: float, reset_every: int) -> tuple[list[dict], dict]:
+    """Elastic Reset in float64: (post_t for t = 0..T, the final EMA) from the policies pre_0..pre_T the optimizer
+    produced (before any reset of their step). init = pre_0; EMA = init; for t = 1..T: EMA = (1 - mu) EMA +
+    mu pre_t; if t % n == 0: post_t = EMA, EMA = init; else post_t = pre_t."""
+    init = pre[0]
+    ema, post = dict(init), [dict(init)]
+    for t, policy in enumerate(pre[1:], start=1):
+        ema = {n: (1 - ema_rate) * ema[n] + ema_rate * policy[n] for n in ema}
+        if t % reset_every == 0:
+            post.append(ema)
+            ema = dict(init)
+        else:
+            post.append(policy)
+    return post, ema
