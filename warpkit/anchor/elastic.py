@@ -18,7 +18,8 @@ Choices made here:
   policy's), so the reset EMA <- init is exact.
 - The EMA is an fp32 tracker of its own (bf16 cannot hold an update of size mu = 0.005).
 - At a reset only the policy's weights change: the optimizer state (Adam's moments, its step count) and the
-  learning-rate schedule carry on as they are (the paper resets weights, not the optimizer).
+  learning-rate schedule carry on as they are (our choice: the paper speaks of resetting weights; not
+  checked against its code).
 - Full fine-tuning, single process, or DDP (every rank resets its replica identically). Refused: a
   `PeftModel` (the EMA of W0 + s B A is full rank and cannot be written back into rank-r factors), DeepSpeed
   and FSDP (their optimizers keep their own copy of the weights, fp32 and partitioned, which would undo the
