@@ -104,6 +104,21 @@ CASES = [
     ),
     BadInput("`rl.max_steps: 0`", train(rl={**RL, "max_steps": 0}), r"invalid rl: max_steps=0 trains nothing"),
     BadInput(
+        "`rl.swa_start` after the run's last step", train(rl={**RL, "final_policy": "swa", "swa_start": 3}),
+        r"invalid rl: swa_start=3 is after the run's last step \(max_steps=2\)",
+    ),
+    BadInput(
+        "`rl.lawa_k` above the checkpoints saved", train(rl={**RL, "final_policy": "lawa", "lawa_k": 2}),
+        r"invalid rl: lawa_k=2 is more checkpoints than the run saves \(1: steps \[2\], save_steps=500, max_steps=2\)",
+    ),
+    BadInput("`rl.lawa_k: 0`", train(rl={**RL, "final_policy": "lawa", "lawa_k": 0}),
+             r"invalid rl: lawa_k=0: final_policy='lawa' needs lawa_k >= 1"),
+    BadInput(
+        "`rl.save_total_limit` below the SWA window",
+        train(rl={**RL, "final_policy": "swa", "swa_start": 1, "save_steps": 1, "save_total_limit": 1}),
+        r"invalid rl: save_total_limit=1 would delete checkpoints that final_policy='swa' averages",
+    ),
+    BadInput(
         "reward function cannot be imported", train(rl={**RL, "reward_funcs": ["mypkg.rewards:score"]}),
         r"invalid rl: reward 'mypkg\.rewards:score' cannot be imported",
     ),

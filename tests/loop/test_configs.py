@@ -64,3 +64,48 @@ def test_baselines_of_every_anchor_kind_get_a_frontier_label(tmp_path):
     assert [p["method"] for p in baselines] == [f"{kind}_anchor" for kind in kinds]
     assert all(doc["method_labels"][p["method"]] for p in baselines)
     assert baselines[-1]["params"] == {"beta": 0.1, "reset_every": 2}
+
+
+def test_baselines_with_an_averaged_policy_are_drawn_as_that_policy(tmp_path):
+    """`final_policy: swa | lawa` baselines: one point, their averaged policy/, under a method of its own."""
+    from warpkit.loop.config import WarpConfig
+    from warpkit.loop.evaluate import frontier_document
+
+    rl = {"anchor": "ema", "save_steps": 1}
+    config = WarpConfig(
+        model_name_or_path="sft", output_dir=str(tmp_path), rl={"max_steps": 4, "beta": 0.1},
+        baselines=[
+            {"name": "lawa", "rl": {**rl, "final_policy": "lawa", "lawa_k": 3}},
+            {"name": "swa", "rl": {**rl, "anchor": "bema", "final_policy": "swa", "swa_start": 2}},
+        ],
+    )  # fmt: skip
+    doc = frontier_document(config, tmp_path / "sft", tmp_path)
+    lawa, swa = (p for p in doc["policies"] if p["name"] in ("lawa", "swa"))
+    assert lawa["method"] == "ema_anchor_lawa" and lawa["path"] == str(tmp_path / "baselines/lawa/policy")
+    assert swa["method"] == "bema_anchor_swa" and "trajectory" not in swa
+    assert (
+        doc["method_labels"]["ema_anchor_lawa"] == "RL, EMA anchor, no merge, LAWA of the last 3 checkpoints"
+    )
+    assert doc["method_labels"]["bema_anchor_swa"].endswith("SWA of checkpoints from step 2")
+    assert lawa["params"] == {"beta": 0.1, "final_policy": "lawa", "lawa_k": 3}
+
+
+def test_the_anchors_tiny_config_runs_every_kind(tmp_path):
+    """configs/anchors_tiny.yaml: a baseline per anchor kind and a LAWA one, each valid as its run parses it,
+    all on the frontier plot."""
+    from warpkit.loop.evaluate import baseline_specs, frontier_document
+    from warpkit.loop.rl import check_settings
+
+    path = CONFIGS / "anchors_tiny.yaml"
+    text = path.read_text()
+    assert text.startswith("#") and "Launch:" in text and "Hardware:" in text
+    config = load_config(path)
+    specs = baseline_specs(config, tmp_path / "sft", tmp_path)
+    for spec in specs:
+        check_settings({**spec.run_config(), "data_seed": 0})
+    assert {s.rl["anchor"] for s in specs} == {"sft", "ema", "bema", "elastic_reset"}
+    assert [s.rl.get("final_policy") for s in specs].count("lawa") == 1
+    methods = {p["method"] for p in frontier_document(config, tmp_path / "sft", tmp_path)["policies"]}
+    assert methods == {
+        "warp_iter1", "sft_anchor", "ema_anchor", "bema_anchor", "elastic_reset_anchor", "ema_anchor_lawa"
+    }  # fmt: skip

@@ -56,7 +56,8 @@ class WarpConfig:
             rl fields override the rl section (e.g. `{name: sft_beta0.1, rl: {anchor: sft, beta: 0.1}}`).
             Equal budget: a baseline trains `iterations * rl.max_steps` steps (as many sequential steps as
             WARP's final policy has seen), unless its rl sets max_steps; checkpoints every rl.max_steps steps
-            are kept as its trajectory.
+            (or its own rl.save_steps) are kept as its trajectory. One with `final_policy: swa | lawa` is
+            drawn as its averaged policy.
         frontier: if set, end with the reward-KL evaluation: fields of `warpkit.frontier.FrontierConfig`
             except reference and policies, which the driver fills (the SFT init; the LITI front
             (1 - η) sft + η merged_i of every iteration over `frontier_etas`; each baseline's trajectory).

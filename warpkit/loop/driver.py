@@ -236,7 +236,9 @@ def _report(loop: _Loop, init: Path) -> None:
     if config.front_etas:
         lines.append(f"  front: {', '.join(f'front/eta_{e:g}' for e in config.front_etas)}")
     for b in config.baselines:
-        lines.append(f"  baseline {b['name']}: baselines/{b['name']}/policy (checkpoints: its trajectory)")
+        final = {**config.rl, **b.get("rl", {})}.get("final_policy", "last")
+        what = "checkpoints: its trajectory" if final == "last" else f"the {final} mean of its checkpoints"
+        lines.append(f"  baseline {b['name']}: baselines/{b['name']}/policy ({what})")
     lines.append(f"  manifest: {MANIFEST_NAME}; per-run logs: iter_*/run_*/train.log (and report_to)")
     log.info("\n".join(lines))
     if not loop.did_work:

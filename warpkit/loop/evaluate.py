@@ -2,8 +2,10 @@
 config of a finished run (WARP's LITI front per iteration and each baseline's trajectory).
 
 Baselines are single RL runs from the SFT init in the same harness (fixed SFT anchor over a beta grid, EMA
-anchor without merging): each trains `iterations * rl.max_steps` steps, as many sequential steps as WARP's
-final policy has seen, and keeps a checkpoint every `rl.max_steps` steps as its trajectory.
+anchor without merging, its relatives BEMA and Elastic Reset): each trains `iterations * rl.max_steps` steps, as
+many sequential steps as WARP's final policy has seen, and keeps a checkpoint every `rl.max_steps` steps (or its
+own `save_steps`) as its trajectory. A baseline with `final_policy: swa | lawa` is drawn as its averaged policy
+(one point, method `<anchor>_anchor_<final_policy>`), the others as their trajectories.
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ _ANCHOR_LABELS = {
     "bema": "RL, BEMA anchor, no merge",
     "elastic_reset": "RL, Elastic Reset (SFT anchor)",
 }
+_FINAL_LABELS = {
+    "swa": "SWA of checkpoints from step {swa_start}",
+    "lawa": "LAWA of the last {lawa_k} checkpoints",
+}
+_PARAMS = ("beta", "ema_rate", "reset_every", "final_policy", "swa_start", "lawa_k")
 
 
 def baseline_specs(config: WarpConfig, sft: Path, out: Path) -> list[RunSpec]:
@@ -37,7 +44,8 @@ def baseline_specs(config: WarpConfig, sft: Path, out: Path) -> list[RunSpec]:
         if "max_steps" not in baseline.get("rl", {}) and "max_steps" in config.rl:
             rl["max_steps"] = config.iterations * int(config.rl["max_steps"])
             rl["save_strategy"] = "steps"
-            rl["save_steps"] = int(config.rl["max_steps"])  # a checkpoint per WARP-iteration length
+            # a checkpoint per WARP-iteration length, unless the baseline asks for more (SWA / LAWA windows)
+            rl["save_steps"] = baseline.get("rl", {}).get("save_steps", int(config.rl["max_steps"]))
             rl["save_total_limit"] = None  # keep them all: they are the trajectory the frontier draws
         folder = out / "baselines" / baseline["name"]
         specs.append(RunSpec(0, n + 1, sft, folder, config.seed, rl, name=baseline["name"]))
@@ -62,16 +70,10 @@ def frontier_document(config: WarpConfig, sft: Path, out: Path) -> dict[str, Any
     ]
     labels = {f"warp_iter{i}": f"WARP iteration {i} (LITI front from SFT)" for i in iterations}
     for spec in baseline_specs(config, sft, out):
-        anchor = spec.rl.get("anchor", "ema")
-        labels.setdefault(f"{anchor}_anchor", _ANCHOR_LABELS[anchor])
-        policies.append(
-            {
-                "name": spec.name,
-                "method": f"{anchor}_anchor",
-                "trajectory": str(spec.output_dir / "checkpoint-*"),
-                "params": {k: spec.rl[k] for k in ("beta", "ema_rate", "reset_every") if k in spec.rl},
-            }
-        )
+        method, label, policy = _baseline_policy(spec)
+        labels.setdefault(method, label)
+        params = {k: spec.rl[k] for k in _PARAMS if k in spec.rl}
+        policies.append({"name": spec.name, "method": method, **policy, "params": params})
     user = dict(config.frontier or {})
     return {
         "title": f"WARP (I={config.iterations}, M={config.num_policies}) vs baselines",
@@ -81,6 +83,20 @@ def frontier_document(config: WarpConfig, sft: Path, out: Path) -> dict[str, Any
         "policies": policies + list(config.frontier_policies),
         "output_dir": str(out / "frontier"),
     }
+
+
+def _baseline_policy(spec: RunSpec) -> tuple[str, str, dict[str, str]]:
+    """A baseline's frontier method, its label, and what is drawn: its trajectory (checkpoints in order), or
+    for `final_policy` swa / lawa its averaged policy (the checkpoints are the raw iterates, not what it ends as)."""
+    anchor, final = spec.rl.get("anchor", "ema"), spec.rl.get("final_policy", "last")
+    if final == "last":
+        return (
+            f"{anchor}_anchor",
+            _ANCHOR_LABELS[anchor],
+            {"trajectory": str(spec.output_dir / "checkpoint-*")},
+        )
+    label = f"{_ANCHOR_LABELS[anchor]}, {_FINAL_LABELS[final].format(**spec.rl)}"
+    return f"{anchor}_anchor_{final}", label, {"path": str(spec.policy_dir)}
 
 
 def evaluate_frontier(

@@ -29,6 +29,7 @@ from warpkit.loop.anchors import (
     check_anchor_args,
     check_anchor_fields,
 )
+from warpkit.loop.final_policy import check_final_policy_args, check_final_policy_fields
 from warpkit.loop.rewards import FiniteReward, check_reward_models, finite_reward
 from warpkit.workloads import load_prompt_dataset, resolve_model_path, reward_spec
 
@@ -80,6 +81,12 @@ class RLArguments:
         bema_update_after: τ >= 0, burn-in steps before θ_0 is taken (TRL's `update_after`).
         bema_multiplier: γ >= 0 (TRL's `multiplier`).
         bema_min_ema_multiplier: a floor in [0, 1] for β_t (TRL's `min_ema_multiplier`).
+        final_policy: what `policy/` holds (README, "Checkpoint averaging"): `"last"` (the weights at
+            `max_steps`, default), `"swa"` (SWA, Izmailov et al. 2018: the uniform mean of the checkpoints at
+            steps >= `swa_start`) or `"lawa"` (LAWA, Kaddour 2022: the uniform mean of the last `lawa_k`
+            checkpoints); both include the checkpoint at `max_steps`.
+        swa_start: `swa`: the first step whose checkpoint enters the mean (1 <= swa_start <= max_steps).
+        lawa_k: `lawa`: k >= 1, the number of last checkpoints averaged.
     """
 
     algorithm: str = field(default="rloo", metadata={"help": "rloo (default, the paper's) or grpo."})
@@ -112,6 +119,9 @@ class RLArguments:
     bema_update_after: int = field(default=0, metadata={"help": "bema: tau, burn-in steps."})
     bema_multiplier: float = field(default=1.0, metadata={"help": "bema: gamma."})
     bema_min_ema_multiplier: float = field(default=0.0, metadata={"help": "bema: floor of beta_t."})
+    final_policy: str = field(default="last", metadata={"help": "last, swa or lawa (checkpoint averaging)."})
+    swa_start: int | None = field(default=None, metadata={"help": "swa: first step averaged."})
+    lawa_k: int | None = field(default=None, metadata={"help": "lawa: k, last checkpoints averaged."})
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -128,6 +138,7 @@ class RLArguments:
         if isinstance(self.reward_funcs, str):
             self.reward_funcs = [self.reward_funcs]
         check_anchor_fields(self)
+        check_final_policy_fields(self)
 
     def bema_settings(self) -> dict:
         """The `bema_*` fields under TRL's `BEMACallback` names (`BEMAAnchorCallback`'s arguments)."""
@@ -228,6 +239,7 @@ def check_args(rl_args: RLArguments, training_args, model_args) -> None:
             "num_train_epochs epochs)."
         )
     check_anchor_args(rl_args, training_args, model_args)
+    check_final_policy_args(rl_args, training_args, model_args)
 
 
 def build_trainer(rl_args: RLArguments, training_args, model_args):
@@ -301,7 +313,8 @@ def save_policy(trainer, output_dir: str | Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    """Train one run to the end (resuming from its newest checkpoint that verifies) and save its policy."""
+    """Train one run to the end (resuming from its newest checkpoint that verifies) and save its policy (the
+    last weights, or the mean of its checkpoints for `final_policy` swa / lawa)."""
     from warpkit._util.log import setup_logging
     from warpkit.loop.checkpoints import CheckpointRecord, finished_step, publish_finished, resume_point
 
@@ -314,22 +327,38 @@ def main(argv: Sequence[str] | None = None) -> Path:
         shutil.rmtree(_policy_tmp(output_dir), ignore_errors=True)
     resume = resume_point(output_dir, with_anchor=rl_args.anchor != "sft")
     if resume is not None and finished_step(resume):  # killed after its last checkpoint: nothing to train
+        step = json.loads((resume / "trainer_state.json").read_text())["global_step"]
+        if rl_args.final_policy != "last":  # killed after training, maybe while averaging: average again
+            return _finish_averaged(rl_args, training_args, trainer, step, resume)
         done = publish_finished(resume, output_dir / POLICY_DIRNAME) if accelerator.is_main_process else True
         accelerator.wait_for_everyone()
         if done:
-            step = json.loads((resume / "trainer_state.json").read_text())["global_step"]
             return _write_run_info(rl_args, training_args, trainer, output_dir / POLICY_DIRNAME, step, resume)
         log.warning("%s holds no full weights to publish: training its last step again.", resume)
     if training_args.save_only_model:  # no optimizer state to resume from: such a run restarts from scratch
         resume = None
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if rl_args.final_policy != "last":  # the checkpoint at max_steps holds the last weights
+        return _finish_averaged(rl_args, training_args, trainer, trainer.state.global_step, resume)
     policy = save_policy(trainer, output_dir)
     return _write_run_info(rl_args, training_args, trainer, policy, trainer.state.global_step, resume)
 
 
+def _finish_averaged(rl_args, training_args, trainer, step: int, resume: Path | None) -> Path:
+    """`final_policy` swa / lawa: the main process averages the checkpoints into policy/, then run_info."""
+    from warpkit.loop.final_policy import average_checkpoints
+
+    policy, record = Path(training_args.output_dir) / POLICY_DIRNAME, None
+    if trainer.accelerator.is_main_process:
+        record = average_checkpoints(rl_args, training_args, policy)
+    trainer.accelerator.wait_for_everyone()
+    return _write_run_info(rl_args, training_args, trainer, policy, step, resume, record)
+
+
 def _write_run_info(
-    rl_args, training_args, trainer, policy: Path, global_step: int, resume: Path | None
-) -> Path:
+    rl_args, training_args, trainer, policy: Path, global_step: int, resume: Path | None,
+    final_policy: dict | None = None,
+) -> Path:  # fmt: skip
     from warpkit import __version__
 
     if trainer.accelerator.is_main_process:
@@ -347,6 +376,8 @@ def _write_run_info(
             "resumed_from": str(resume) if resume else None,
             "policy": str(policy),
         }
+        if final_policy is not None:  # absent for `last`: its run_info is as before final_policy existed
+            info["final_policy"] = final_policy
         write_atomic(Path(training_args.output_dir) / "run_info.json", json.dumps(info, indent=1))
     return policy
 
