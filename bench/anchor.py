@@ -1,4 +1,5 @@
-"""Benchmark of the EMA anchor update (warpkit.anchor.EMAAnchorCallback), against named peers in the same run.
+"""Benchmark of the anchor updates (EMA, BEMA, Elastic Reset: `update()` of each kind), against named peers in the
+same run.
 
 Peers, on the embedded default model (SmolLM2-135M-Instruct), same ema_rate:
 - TRL 1.16's `SyncRefModelCallback` rule: per-parameter `mul_` then `add_`, in the parameters' own dtype;
@@ -7,8 +8,8 @@ Peers, on the embedded default model (SmolLM2-135M-Instruct), same ema_rate:
 - one GRPO step on the same model, for the per-step overhead (full step wall time, generation included).
 Also prints how far LoRA `lora_mode="factors"` (EMA of A and B) lands from the exact EMA of s B A.
 
-Targets (issue 4): fp32 on CPU: ours <= TRL and <= 1.3x floor; bf16: ours (exact, fp32 shadow) <= 2x TRL's
-in-place bf16; GPU: ours <= 0.5x TRL; step overhead < 1%.
+Targets (issue 15, item 4): fp32 on CPU: ours <= TRL and <= 1.3x floor; bf16: ours (exact, fp32 state) <= TRL's
+in-place bf16; GPU: ours <= 0.5x TRL; step overhead < 1%. Every kind prints both ratios, of minima and of medians.
 
     python bench/anchor.py [--repeats 15] [--threads 1] [--device cpu|cuda] [--skip-grpo] [--grpo-steps 3]
 """
@@ -20,6 +21,7 @@ import statistics
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -54,24 +56,46 @@ def _stand_in_trainer(policy, ref):
     )
 
 
-def time_updates(model_dir: Path, dtype: torch.dtype, device: str, repeats: int) -> dict[str, float]:
-    """Median seconds per update for ours, TRL's rule and the lerp floor (interleaved, to share the noise)."""
+def _anchor_kinds(model_dir: Path, dtype: torch.dtype, device: str, policy) -> dict[str, Callable[[], None]]:
+    """One update of each anchor kind, each with its own reference copy (what `update()` costs, nothing else).
+
+    ema: `EMAAnchorCallback.update` (fp32 shadow for bf16); bema: `BemaLayout.update` (fp32 EMA, theta_0, the
+    anchor written in the reference's dtype); elastic_reset: `ElasticResetLayout.update` (the fp32 EMA only).
+    """
+    from warpkit.anchor import BEMAAnchorCallback, ElasticResetCallback
+
+    def ref():
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+
+    ema = EMAAnchorCallback(_stand_in_trainer(policy, ref()), ema_rate=EMA_RATE)
+    bema = BEMAAnchorCallback(_stand_in_trainer(policy, ref()))
+    elastic = ElasticResetCallback(_stand_in_trainer(policy, ref()), reset_every=50, ema_rate=EMA_RATE)
+    for callback in (ema, bema, elastic):
+        callback.reset_to_policy()
+    bema_alpha = bema.schedule.bema_alpha(10)
+    return {
+        "ema": ema.update,
+        "bema": lambda: bema.bema.update(EMA_RATE, bema_alpha),
+        "elastic_reset": lambda: elastic.elastic.update(EMA_RATE),
+    }
+
+
+def time_updates(
+    model_dir: Path, dtype: torch.dtype, device: str, repeats: int
+) -> dict[str, dict[str, float]]:
+    """Min and median seconds per update for each anchor kind, TRL's rule and the lerp floor (interleaved, so
+    all share the machine's noise); also the model's size."""
     from trl.trainer.callbacks import SyncRefModelCallback
 
     policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
-    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
     trl_ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
     with torch.no_grad():  # a policy that differs from the anchor, as after some RL steps
         for p in policy.parameters():
             p.add_(1e-3 * torch.randn_like(p))
-    callback = EMAAnchorCallback(_stand_in_trainer(policy, ref), ema_rate=EMA_RATE)
-    callback.reset_to_policy()
+    ours = _anchor_kinds(model_dir, dtype, device, policy)
     numel = sum(p.numel() for p in policy.parameters())
     flat_anchor = torch.zeros(numel, dtype=dtype, device=device)
     flat_policy = torch.ones(numel, dtype=dtype, device=device)
-
-    def ours():
-        callback.update()
 
     def trl():
         with torch.no_grad():
@@ -80,7 +104,7 @@ def time_updates(model_dir: Path, dtype: torch.dtype, device: str, repeats: int)
     def floor():
         flat_anchor.lerp_(flat_policy, EMA_RATE)
 
-    runs = {"warpkit": ours, "trl": trl, "floor": floor}
+    runs = {**ours, "trl": trl, "floor": floor}
     times: dict[str, list[float]] = {k: [] for k in runs}
     for i in range(repeats + 2):
         for name, fn in runs.items():
@@ -90,13 +114,32 @@ def time_updates(model_dir: Path, dtype: torch.dtype, device: str, repeats: int)
             _sync(device)
             if i >= 2:  # two warm-up rounds
                 times[name].append(time.perf_counter() - start)
-    # The minimum over repeats: this is memory-bound work on a machine that may be shared, where other load only
-    # ever adds time. Medians are printed beside it.
-    out = {k: min(v) for k, v in times.items()}
-    out.update({f"{k}_median": statistics.median(v) for k, v in times.items()})
-    out["numel"] = numel
-    out["tensors"] = len(list(policy.parameters()))
-    return out
+    # Memory-bound work on a machine that may be shared, where other load only ever adds time: the minimum over
+    # repeats is the cleanest estimate, the median the typical one; both are printed.
+    stats = {k: {"min": min(v), "median": statistics.median(v)} for k, v in times.items()}
+    stats["size"] = {"numel": numel, "tensors": len(list(policy.parameters()))}
+    return stats
+
+
+def report(t: dict[str, dict[str, float]], dtype: torch.dtype, repeats: int) -> None:
+    name = str(dtype).removeprefix("torch.")
+    size = t.pop("size")
+    trl, floor = t.pop("trl"), t.pop("floor")
+    print(
+        f"[{name}] {size['numel'] / 1e6:.1f}M params in {size['tensors']:.0f} tensors, {repeats} interleaved "
+        f"repeats | TRL SyncRefModelCallback {trl['min'] * 1e3:.1f} ms (median {trl['median'] * 1e3:.1f}), lerp "
+        f"floor ({name}) {floor['min'] * 1e3:.1f} ms (median {floor['median'] * 1e3:.1f})"
+    )
+    for kind, k in t.items():
+        print(
+            f"[{name}] {kind:13s} {k['min'] * 1e3:6.1f} ms (median {k['median'] * 1e3:6.1f}) | ratio to TRL "
+            f"{k['min'] / trl['min']:.2f} (medians {k['median'] / trl['median']:.2f}), to floor "
+            f"{k['min'] / floor['min']:.2f} (medians {k['median'] / floor['median']:.2f})"
+        )
+    if dtype != torch.float32:
+        print(
+            f"[{name}] (warpkit: exact, fp32 EMA state; TRL: in-place {name}, loses updates below its resolution)"
+        )
 
 
 class _StepClock(TrainerCallback):
@@ -245,19 +288,7 @@ def main() -> None:
         f"model: {model_dir.name}, device {opts.device}, torch threads {torch.get_num_threads()}, mu={EMA_RATE}"
     )
     for dtype in (torch.float32, torch.bfloat16):
-        t = time_updates(model_dir, dtype, opts.device, opts.repeats)
-        name = str(dtype).removeprefix("torch.")
-        print(
-            f"[{name}] {t['numel'] / 1e6:.1f}M params in {t['tensors']} tensors | per update: warpkit "
-            f"{t['warpkit'] * 1e3:.1f} ms, TRL SyncRefModelCallback {t['trl'] * 1e3:.1f} ms, "
-            f"lerp floor ({name}) {t['floor'] * 1e3:.1f} ms  (min of {opts.repeats}; medians "
-            f"{t['warpkit_median'] * 1e3:.0f} / {t['trl_median'] * 1e3:.0f} / {t['floor_median'] * 1e3:.0f} ms)"
-        )
-        print(
-            f"[{name}] ratio warpkit/TRL = {t['warpkit'] / t['trl']:.2f}   "
-            f"warpkit/floor = {t['warpkit'] / t['floor']:.2f}"
-            + ("   (warpkit: exact fp32 shadow; TRL: in-place bf16)" if dtype == torch.bfloat16 else "")
-        )
+        report(time_updates(model_dir, dtype, opts.device, opts.repeats), dtype, opts.repeats)
     print(
         f"[lora] factors-mode anchor vs exact EMA: |s B_ema A_ema - D| / |D - D0| = {lora_factor_deviation():.3f}"
     )

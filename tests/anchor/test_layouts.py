@@ -82,6 +82,34 @@ def test_bf16_reference_gets_fp32_shadow():
         assert torch.equal(target, st.to(torch.bfloat16))
 
 
+def test_bf16_shadow_tracks_a_float64_ema_over_many_steps():
+    """300 updates at mu = 0.01 of a bf16 model with a drifting policy: the fp32 shadow stays within a few fp32
+    ulps of the EMA recomputed in float64 from the same bf16 policies, the bf16 reference is that shadow rounded
+    once, and an in-place bf16 EMA (TRL's rule, no shadow) is orders of magnitude further off."""
+    torch.manual_seed(0)
+    policy = nn.Sequential(nn.Linear(64, 48), nn.LayerNorm(48)).to(torch.bfloat16)
+    ref = nn.Sequential(nn.Linear(64, 48), nn.LayerNorm(48)).to(torch.bfloat16)
+    inplace = [p.detach().clone() for p in policy.parameters()]
+    layout = full_layout(policy, ref)
+    layout.reset_to_policy()
+    want = [p.detach().double().clone() for p in policy.parameters()]
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(300):
+        with torch.no_grad():
+            for p in policy.parameters():
+                p.add_((0.05 * torch.randn(p.shape, generator=gen)).to(torch.bfloat16))
+        layout.update(0.01)
+        for w, b, p in zip(want, inplace, policy.parameters(), strict=True):
+            w.mul_(0.99).add_(0.01 * p.detach().double())
+            b.mul_(0.99).add_(p.detach(), alpha=0.01)
+    for st, target, w, b in zip(layout.state, layout.targets, want, inplace, strict=True):
+        scale = float(w.abs().max())
+        shadow_error = float((st.double() - w).abs().max()) / scale
+        assert shadow_error < 32 * 2.0**-24, shadow_error  # fp32: 2^-24 relative rounding per operation
+        assert torch.equal(target, st.to(torch.bfloat16))
+        assert float((b.double() - w).abs().max()) / scale > 100 * shadow_error
+
+
 def test_fp32_reference_is_its_own_state():
     policy, ref = _pair()
     layout = full_layout(policy, ref)
