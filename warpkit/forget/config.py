@@ -122,17 +122,25 @@ class FusionSpec:
 
 @dataclass
 class FisherSpec:
-    """The Fisher overlap of two models on probe sets.
+    """The Fisher overlaps of two models.
 
     Args:
         models: ``[a, b]``, names of ``models`` (or ``reference``).
-        probe_sets: the probe sets to compare them on; default every probe set.
+        probe_sets: what to compare them on, each entry a probe set name (both Fishers on that set: the
+            paper's overlap on shared knowledge) or a pair ``[p, q]`` (model a's Fisher on p against model
+            b's on q: each model on its own data, the paper's overlap on unshared knowledge); default every
+            probe set by name.
         max_texts: use the first N texts of each probe set (one backward pass per text and model).
     """
 
     models: list[str]
-    probe_sets: list[str] | None = None
+    probe_sets: list[str | list[str]] | None = None
     max_texts: int | None = 64
+
+    def comparisons(self, probes: list[str]) -> list[tuple[str, str]]:
+        """(probe set of model a, probe set of model b) for each overlap."""
+        entries = self.probe_sets if self.probe_sets is not None else probes
+        return [(e, e) if isinstance(e, str) else (e[0], e[1]) for e in entries]
 
 
 @dataclass
@@ -298,7 +306,10 @@ def _check_fisher(spec: FisherSpec, where: str, names: set[str], probes: list[st
     if len(spec.models) != 2 or spec.models[0] == spec.models[1]:
         raise ValueError(f"{where}.models must be two different models [a, b], got {spec.models}.")
     _known(spec.models, names, f"{where}.models")
-    unknown = [p for p in spec.probe_sets or [] if p not in probes]
+    bad = [e for e in spec.probe_sets or [] if not isinstance(e, str) and len(e) != 2]
+    if bad:
+        raise ValueError(f"{where}.probe_sets entries are names or pairs [p, q] of names, got {bad}.")
+    unknown = list(dict.fromkeys(p for pair in spec.comparisons(probes) for p in pair if p not in probes))
     if unknown:
         raise ValueError(f"{where}.probe_sets names {unknown}, not probe sets of this config ({probes}).")
     if spec.max_texts is not None and spec.max_texts < 1:

@@ -96,4 +96,6 @@ def print_forget(result: ForgetResult) -> None:
         delta = "" if s["delta_alr"] is None else f", ALR {s['alr_seen']:.4g} -> {s['alr_fused']:.4g}"
         print(f"{s['point']} on {s['probe_set']} ({s['knowledge']}): {s['verdict']}{kept}{delta}")
     for f in result.fisher:
-        print(f"Fisher overlap {f['models'][0]} / {f['models'][1]} on {f['probe_set']}: {f['overlap']:.4f}")
+        (a, b), (p, q) = f["models"], f["probe_sets"]
+        on = p if p == q else f"{p} / {q}"
+        print(f"Fisher overlap {a} / {b} on {on} ({f['num_texts']} texts): {f['overlap']:.4f}")

@@ -51,14 +51,10 @@ def _fisher_keys(config: ForgetConfig, inputs: ForgetInputs) -> list[tuple[Fishe
     """For each requested overlap, the two Fishers it compares."""
     pairs = []
     for spec in config.fisher:
-        for probe in spec.probe_sets or [p.name for p in config.probe_sets]:
-            n = (
-                len(inputs.probes[probe])
-                if spec.max_texts is None
-                else min(spec.max_texts, len(inputs.probes[probe]))
-            )
-            a, b = spec.models
-            pairs.append(((a, probe, n), (b, probe, n)))
+        a, b = spec.models
+        for pa, pb in spec.comparisons([p.name for p in config.probe_sets]):
+            n = min(len(inputs.probes[pa]), len(inputs.probes[pb]), spec.max_texts or len(inputs.probes[pa]))
+            pairs.append(((a, pa, n), (b, pb, n)))
     return pairs
 
 
@@ -109,8 +105,8 @@ def run_forget(config: ForgetConfig, *, progress: bool = True) -> ForgetResult:
                     _take_fishers(point, model, keys, inputs, work, files, bar.update)
         for a, b in pairs:
             overlap, numel = stream_fisher_overlap(files[a], files[b])
-            fisher.append({"models": [a[0], b[0]], "probe_set": a[1], "num_texts": a[2], "num_params": numel,
-                           "overlap": overlap})  # fmt: skip
+            fisher.append({"models": [a[0], b[0]], "probe_sets": [a[1], b[1]], "num_texts": a[2],
+                           "num_params": numel, "overlap": overlap})  # fmt: skip
     return _result(config, inputs, points, per_text, fisher, time.perf_counter() - t0)
 
 
@@ -130,8 +126,9 @@ def _result(
         for probe in config.probe_sets
     ]  # fmt: skip
     summary = summarise(points, config.probe_sets, per_text, config.kept_threshold)
+    seen_by = {p.name: p.seen_by for p in config.probe_sets}
     for f in fisher:
-        f["seen_by"] = next(p.seen_by for p in config.probe_sets if p.name == f["probe_set"])
+        f["seen_by"] = [seen_by[p] for p in f["probe_sets"]]
     probe_sets = [
         {"name": p.name, "seen_by": p.seen_by, "num_texts": len(inputs.probes[p.name]),
          "num_tokens": tokens[p.name], "pairs": p.target_column is not None}
