@@ -14,6 +14,7 @@ Modules, leaves first:
 - `summary`: rows per point and probe set, kept / forgotten per fusion point;
 - `run`: `run_forget`, the orchestration;
 - `plot`, `output`: the PNGs; forget.json, forget.csv and the printed table;
+- `samples`: probe texts sampled from a policy (the WARP case: each run's own completions);
 - `cli`: the `warpkit forget` subcommand.
 
 The names below are imported lazily, so importing the package (the console script does) costs nothing.
@@ -39,6 +40,7 @@ _LAZY: dict[str, str] = {
     "diagonal_fisher": "score",
     "fisher_overlap": "metrics",
     "likelihood_ratios": "metrics",
+    "policy_completions": "samples",
 }
 
 __all__ = sorted(_LAZY)
