@@ -58,3 +58,18 @@ def test_diagonal_fisher_and_overlap_by_hand(tmp_path):
     assert load_file(fa)["b"].tolist() == pytest.approx([4 / 9, 1 / 9, 1 / 9])
     overlap, numel = stream_fisher_overlap(fa, fb)
     assert overlap == pytest.approx(5 / 6) and numel == 3
+
+
+def test_padding_changes_nothing_on_a_real_model(tiny_model_factory):
+    """A tiny llama scores each text the same alone or right-padded in a batch of texts of other lengths."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_factory("llama", True)).eval()
+    texts = [
+        Encoded((5, 9, 200, 7), 1),
+        Encoded((11, 3), 1),
+        Encoded((40, 41, 42, 43, 44, 45), 2, target=True),
+    ]
+    alone = [score_texts(model, [t], pad_token_id=0)[0][0] for t in texts]
+    batched, match = score_texts(model, texts, pad_token_id=0, batch_size=3)
+    assert batched == pytest.approx(alone, abs=1e-5) and len(match) == 1

@@ -127,7 +127,7 @@ def _path_models(spec: FusionSpec, inputs: ForgetInputs, load) -> Iterator[tuple
             for name, t in targets.items():
                 if not t.is_floating_point():
                     continue
-                mixed = combine(end_a[name].double(), [end_b[name].double()], [alpha])
+                mixed = combine(end_a[name].float(), [end_b[name].float()], [alpha])
                 t.copy_(mixed.to(t.dtype))
         point = Point(f"{spec.name}/alpha={alpha:g}", "path", [a, b], spec.name, alpha=alpha)
         yield point, working
