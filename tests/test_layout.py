@@ -22,8 +22,9 @@ LAYERS: dict[str, set[str]] = {
     "merge": {"_util"},
     "anchor": {"_util"},
     "frontier": {"_util", "workloads", "merge"},
+    "forget": {"_util", "workloads", "merge", "frontier"},
     "loop": {"_util", "workloads", "merge", "anchor", "frontier"},
-    "cli": {"_util", "testing", "workloads", "merge", "frontier", "loop"},
+    "cli": {"_util", "testing", "workloads", "merge", "frontier", "forget", "loop"},
     "default": {"workloads"},  # the old name of warpkit.workloads.default, kept for existing configs
     "__init__": set(),  # lazy: names modules as strings only
 }

@@ -38,6 +38,10 @@ _LAZY: dict[str, str] = {
     "reward_at_matched_kl": "warpkit.frontier.pareto",
     "plot_frontier": "warpkit.frontier.plot",
     "plot_rewards": "warpkit.frontier.plot",
+    "ForgetConfig": "warpkit.forget.config",
+    "load_forget_config": "warpkit.forget.config",
+    "run_forget": "warpkit.forget.run",
+    "write_forget": "warpkit.forget.output",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from warpkit.forget.cli import forget_parser
 from warpkit.loop.launch import RunFailedError
 from warpkit.merge.methods import ENGINE_OPTIONS, INIT_OPTIONS, METHODS, Param, all_params, spell
 
@@ -357,7 +358,7 @@ def _frontier(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- main
 
-_PARSERS = [_default_model_parser, _tiny_model_parser, _train_parser, _merge_parser, _frontier_parser]
+_PARSERS = [_default_model_parser, _tiny_model_parser, _train_parser, _merge_parser, _frontier_parser, forget_parser]  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

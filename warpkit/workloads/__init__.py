@@ -4,7 +4,8 @@
   `"warpkit:tiny"` a tiny local llama (`warpkit.testing`); anything else must be a model folder on disk.
   (Frontier configs also accept the bare name `default`, their historical spelling.)
 - `load_prompt_dataset(spec, ...)`: a `datasets.Dataset` with a `prompt` column from any prompt spec
-  (a function, a data file, a `save_to_disk` folder, a `.txt` file, an inline list).
+  (a function, a data file, a `save_to_disk` folder, a `.txt` file, an inline list); `read_dataset(spec,
+  ...)` reads the same specs without asking for a column (the probe texts of `warpkit.forget`).
 - `reward_spec(spec)`: a reward function (TRL's `reward_funcs` signature) or a reward-model folder.
 
 The embedded workload is imported only when its name is used, so nothing here downloads or converts
@@ -19,7 +20,14 @@ from typing import Any
 
 from warpkit._util.imports import import_object, is_object_spec
 
-__all__ = ["DEFAULT_MODEL", "TINY_MODEL", "load_prompt_dataset", "resolve_model_path", "reward_spec"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "TINY_MODEL",
+    "load_prompt_dataset",
+    "read_dataset",
+    "resolve_model_path",
+    "reward_spec",
+]
 
 DEFAULT_MODEL = "warpkit:default"  # the embedded SmolLM2-135M-Instruct
 TINY_MODEL = "warpkit:tiny"  # a tiny random llama with GPT-2's tokenizer, built once in the cache
@@ -67,7 +75,7 @@ def load_prompt_dataset(
     """
     import datasets
 
-    dataset = _read_prompts(spec, split, kwargs)
+    dataset = read_dataset(spec, split=split, kwargs=kwargs)
     if isinstance(dataset, datasets.DatasetDict):
         dataset = dataset[split]
     if isinstance(dataset, list):
@@ -80,7 +88,11 @@ def load_prompt_dataset(
     return dataset
 
 
-def _read_prompts(spec: str | Sequence[Any], split: str, kwargs: Mapping[str, Any] | None) -> Any:
+def read_dataset(
+    spec: str | Sequence[Any], *, split: str = "train", kwargs: Mapping[str, Any] | None = None
+) -> Any:
+    """What a dataset spec names, as read: a `datasets.Dataset` or `DatasetDict`, or a list (an inline list,
+    the lines of a `.txt` file, or what a function returned). The specs of `load_prompt_dataset`."""
     import datasets
 
     if not isinstance(spec, str):
