@@ -20,7 +20,13 @@ from warpkit._util.tensors import check_same_tensors
 from warpkit.forget.config import REFERENCE, ForgetConfig, ProbeSet
 from warpkit.forget.score import Encoded
 from warpkit.frontier.inputs import check_folder, context_length, resolve_device
-from warpkit.workloads import DEFAULT_MODEL, TINY_MODEL, read_dataset, resolve_model_path
+from warpkit.workloads import (
+    DEFAULT_MODEL,
+    TINY_MODEL,
+    check_same_tokenizer,
+    read_dataset,
+    resolve_model_path,
+)
 
 __all__ = [
     "ForgetInputs",
@@ -71,7 +77,6 @@ def check_same_model(
     reference: str, path: str, what: str, shapes: dict, ref_shapes: dict, tokenizer: Any
 ) -> None:
     """Refuse a model of another architecture, tensor shapes or tokenizer than the reference."""
-    from transformers import AutoTokenizer
 
     ref_cfg, cfg = _read_config(reference), _read_config(path)
     fix = (
@@ -84,16 +89,7 @@ def check_same_model(
                 f"{what} {path!r} has {key}={cfg.get(key)!r} but the reference has {ref_cfg.get(key)!r}. {fix}"
             )
     check_same_tensors(ref_shapes, shapes, f"{what} {path!r}", "the reference", fix=fix)
-    if not any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
-        return  # a bare checkpoint: the vocab_size check is all there is
-    other = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    a, b = tokenizer.get_vocab(), other.get_vocab()
-    if a != b:
-        diff = sorted(set(a.items()) ^ set(b.items()), key=lambda kv: kv[1])[:3]
-        raise ValueError(
-            f"{what} {path!r} has another tokenizer than the reference ({len(b)} vs {len(a)} tokens; first "
-            f"differences {diff}): its token ids do not mean the same text. {fix}"
-        )
+    check_same_tokenizer(tokenizer, path, what, fix)
 
 
 def load_model(path: str, dtype: str, device: torch.device) -> torch.nn.Module:

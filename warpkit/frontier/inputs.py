@@ -22,7 +22,13 @@ from warpkit._util.tensors import check_same_tensors
 from warpkit.frontier.config import FrontierConfig
 from warpkit.frontier.policies import PolicySpec
 from warpkit.merge.checkpoint import weight_shapes
-from warpkit.workloads import DEFAULT_MODEL, TINY_MODEL, load_prompt_dataset, resolve_model_path
+from warpkit.workloads import (
+    DEFAULT_MODEL,
+    TINY_MODEL,
+    check_same_tokenizer,
+    load_prompt_dataset,
+    resolve_model_path,
+)
 
 __all__ = [
     "MODEL_ALIASES",
@@ -160,7 +166,7 @@ def check_compatible(reference_dir: str, reference_tokenizer: Any, path: str, wh
 
     KL between two models is only defined over a shared token space: the same ids must mean the same text.
     """
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     ref_vocab = AutoConfig.from_pretrained(reference_dir).vocab_size
     vocab = AutoConfig.from_pretrained(path).vocab_size
@@ -169,17 +175,9 @@ def check_compatible(reference_dir: str, reference_tokenizer: Any, path: str, wh
             f"{what} {path!r} has vocab_size {vocab} but the reference has {ref_vocab}: the KL between them is "
             "undefined. Evaluate policies fine-tuned from this reference (same tokenizer), or change reference."
         )
-    folder = Path(path)
-    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
-        return  # a bare checkpoint: the vocabulary size check above is all we can do
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    a, b = reference_tokenizer.get_vocab(), tokenizer.get_vocab()
-    if a != b:
-        diff = sorted(set(a.items()) ^ set(b.items()), key=lambda kv: kv[1])[:5]
-        raise ValueError(
-            f"{what} {path!r} has a different tokenizer vocabulary from the reference ({len(b)} vs {len(a)} "
-            f"tokens; first differences {diff}). Its token ids do not mean the same text, so the KL is undefined."
-        )
+    tokenizer = check_same_tokenizer(reference_tokenizer, path, what, "The KL between them is undefined.")
+    if tokenizer is None:
+        return
     for attr in ("eos_token_id", "pad_token_id"):
         if (
             getattr(tokenizer, attr) != getattr(reference_tokenizer, attr)

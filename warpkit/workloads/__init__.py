@@ -23,6 +23,7 @@ from warpkit._util.imports import import_object, is_object_spec
 __all__ = [
     "DEFAULT_MODEL",
     "TINY_MODEL",
+    "check_same_tokenizer",
     "load_prompt_dataset",
     "read_dataset",
     "resolve_model_path",
@@ -126,3 +127,22 @@ def reward_spec(spec: str) -> Callable[..., Any] | Path:
     if is_object_spec(spec):
         return import_object(spec, "reward", callable_=True)
     raise ValueError(f"reward {spec!r} is neither 'module:function' nor an existing reward-model folder.")
+
+
+def check_same_tokenizer(reference_tokenizer: Any, path: str | Path, what: str, why: str) -> Any:
+    """Refuse a model folder whose tokenizer (when it has one) maps tokens to other ids than the reference's:
+    its token ids would not mean the same text. `what` names the folder's role, `why` says what breaks.
+    Returns the folder's tokenizer, or None for a bare checkpoint."""
+    from transformers import AutoTokenizer
+
+    if not any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return None  # a bare checkpoint: the caller's vocabulary size check is all there is
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    a, b = reference_tokenizer.get_vocab(), tokenizer.get_vocab()
+    if a != b:
+        diff = sorted(set(a.items()) ^ set(b.items()), key=lambda kv: kv[1])[:5]
+        raise ValueError(
+            f"{what} {str(path)!r} has a different tokenizer vocabulary from the reference ({len(b)} vs {len(a)} "
+            f"tokens; first differences {diff}): its token ids do not mean the same text. {why}"
+        )
+    return tokenizer
