@@ -112,7 +112,7 @@ def test_tampered_output_is_redone_and_downstream_kept(sft, tmp_path):
     policy = out / "iter_2" / "run_1" / "policy" / "model.safetensors"
     policy.write_bytes(policy.read_bytes()[:-8] + b"\0" * 8)
     retrained = []
-    run_warp(tiny_config(out, sft), train_fn=lambda s, e: (retrained.append(s.key), fake_train(s, e)))
+    run_warp(tiny_config(out, sft), train_fn=lambda s, e: retrained.append(s.key) or fake_train(s, e))
     assert retrained == ["iter_2/run_1"]
     assert final.read_bytes() == before  # merges are bitwise reproducible from the same run outputs
 
@@ -122,7 +122,7 @@ def test_changed_eta_redoes_merges_and_later_runs(sft, tmp_path):
     retrained = []
     cfg = tiny_config(tmp_path / "out", sft)
     cfg.liti_eta = 0.5
-    run_warp(cfg, train_fn=lambda s, e: (retrained.append(s.key), fake_train(s, e)))
+    run_warp(cfg, train_fn=lambda s, e: retrained.append(s.key) or fake_train(s, e))
     assert retrained == ["iter_2/run_1", "iter_2/run_2"]  # iteration 2 starts from a different init
 
 

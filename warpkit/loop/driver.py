@@ -139,8 +139,7 @@ def _launcher(config: WarpConfig, manifest: Manifest, detach: bool) -> tuple[lis
         return slots, accelerate_launcher(config.accelerate_config, config.num_processes)
     from warpkit.loop.scheduler import SlurmLauncher
 
-    launcher = SlurmLauncher(slurm, config.accelerate_config, manifest, Path.cwd())
-    launcher.detach = detach
+    launcher = SlurmLauncher(slurm, config.accelerate_config, manifest, Path.cwd(), detach=detach)
     return [[] for _ in range(max(config.num_policies, len(config.baselines), 1))], launcher
 
 

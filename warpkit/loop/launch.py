@@ -75,8 +75,8 @@ class RunSpec:
 
 
 # Trains one run (spec, extra environment) and may return more info for its manifest record. A launcher
-# object may also have `prepare(spec, inputs)` (instead of `prepare_run_dir`), and `interrupt(cancel)` with a
-# `detach` flag (called when the driver is interrupted while runs go on).
+# object may also have `prepare(spec, inputs)` (instead of `prepare_run_dir`), and `interrupt()` (called when
+# the driver is interrupted while runs go on).
 TrainFn = Callable[[RunSpec, "dict[str, str]"], "dict[str, Any] | None"]
 
 
@@ -152,8 +152,7 @@ def _train_one(
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
     log.info("%s: training from %s (data_seed=%s)", spec.key, spec.init, spec.data_seed)
-    info = train_fn(spec, env)
-    info = info if isinstance(info, dict) else {}  # what a launcher adds to the run's record (its jobs)
+    info = train_fn(spec, env) or {}  # what a launcher adds to the run's record (its jobs)
     if not any((spec.policy_dir / name).is_file() for name in ("config.json", "adapter_config.json")):
         raise RuntimeError(f"{spec.key} ended without writing its policy to {spec.policy_dir}.")
     return {"data_seed": spec.data_seed, **info}
@@ -192,7 +191,7 @@ def train_runs(
         except BaseException:
             failed.set()
             if hasattr(train_fn, "interrupt"):  # a scheduler's threads wait on jobs: stop them
-                train_fn.interrupt(cancel=not getattr(train_fn, "detach", False))
+                train_fn.interrupt()
             raise
 
 

@@ -103,10 +103,17 @@ class SlurmLauncher:
     """
 
     def __init__(
-        self, config: SlurmConfig, accelerate_config: str | None, manifest: Manifest, workdir: Path
+        self,
+        config: SlurmConfig,
+        accelerate_config: str | None,
+        manifest: Manifest,
+        workdir: Path,
+        *,
+        detach: bool = False,
     ) -> None:
+        """`workdir`: the jobs' working folder; `detach`: an interrupted driver leaves its jobs running."""
         self.config, self.accelerate_config, self.manifest = config, accelerate_config, manifest
-        self.workdir = workdir
+        self.workdir, self.detach = workdir, detach
         self.stopping = threading.Event()
         self.live: dict[str, str] = {}  # run key -> job id of a job this driver is waiting on
         self._states: dict[str, str] = {}
@@ -120,13 +127,17 @@ class SlurmLauncher:
 
     def prepare(self, spec: RunSpec, inputs: str) -> None:
         """As the local launcher, but a run whose job is live or ended well keeps its folder untouched."""
-        jobs = self.manifest.jobs.get(spec.key, [])
-        if jobs and jobs[-1].get("inputs") == inputs and self._attachable(spec, jobs[-1]["id"]):
-            return
-        prepare_run_dir(spec, inputs)
+        if self._recorded_job(spec, inputs) is None:
+            prepare_run_dir(spec, inputs)
 
-    def _attachable(self, spec: RunSpec, job_id: str) -> bool:
-        return job_state(job_id) in LIVE_STATES or _exit_code(spec, job_id) == 0
+    def _recorded_job(self, spec: RunSpec, inputs: str) -> str | None:
+        """The run's last recorded job, for these inputs, if it is still queued or running or ended well."""
+        jobs = self.manifest.jobs.get(spec.key, [])
+        last = jobs[-1] if jobs else {}
+        if last.get("inputs") != inputs or last.get("failed"):
+            return None
+        alive = job_state(last["id"]) in LIVE_STATES
+        return last["id"] if alive or _exit_code(spec, last["id"]) == 0 else None
 
     def __call__(self, spec: RunSpec, env: dict[str, str]) -> dict[str, Any]:
         inputs = (spec.output_dir / FINGERPRINT_NAME).read_text()
@@ -157,11 +168,10 @@ class SlurmLauncher:
     def _existing_job(self, spec: RunSpec, inputs: str) -> str | None:
         """A job of this run still queued or running (recorded, or found by its unique name), or one that
         ended well while no driver watched: re-attach to it instead of submitting."""
-        jobs = self.manifest.jobs.get(spec.key, [])
-        last = jobs[-1] if jobs else {}
-        if last.get("inputs") == inputs and not last.get("failed") and self._attachable(spec, last["id"]):
-            log.info("%s: re-attached to job %s", spec.key, last["id"])
-            return last["id"]
+        recorded = self._recorded_job(spec, inputs)
+        if recorded is not None:
+            log.info("%s: re-attached to job %s", spec.key, recorded)
+            return recorded
         found = _slurm("squeue", "-h", "--name", self.job_name(spec), "-o", "%i", check=False).stdout.split()
         if found:
             log.info("%s: re-attached to job %s (found by name)", spec.key, found[0])
@@ -188,7 +198,7 @@ class SlurmLauncher:
         return job_id
 
     def _wait(self, spec: RunSpec, job_id: str) -> str:
-        """Poll until the job is over; returns its final state. Interrupted: cancel it unless detaching."""
+        """Poll until the job is over; returns its final state. KeyboardInterrupt once `interrupt` is called."""
         with self._lock:
             self.live[spec.key] = job_id
         try:
@@ -216,12 +226,13 @@ class SlurmLauncher:
             spec.key, {"id": job_id, "inputs": inputs, "name": self.job_name(spec), **fields}
         )
 
-    def interrupt(self, cancel: bool) -> list[str]:
-        """Stop waiting (Ctrl-C, SIGTERM); `cancel`: scancel the jobs being waited on. Returns their ids."""
+    def interrupt(self) -> list[str]:
+        """Stop waiting (Ctrl-C, SIGTERM) and scancel the jobs being waited on, unless `detach`. Returns their
+        ids."""
         self.stopping.set()
         with self._lock:
             ids = sorted(self.live.values())
-        if cancel and ids:
+        if not self.detach and ids:
             _slurm("scancel", *ids, check=False)
             log.warning("cancelled jobs %s (pass --detach to leave them running)", " ".join(ids))
         elif ids:

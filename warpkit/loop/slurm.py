@@ -10,6 +10,7 @@ exactly the local launcher's, so a run trains the same bits wherever it runs.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import sys
@@ -219,8 +220,6 @@ def batch_script(
 
 def _node_main(argv: list[str]) -> int:
     """`python -m warpkit.loop.slurm RUN_YAML PER_NODE [ACCELERATE_CONFIG]`: exec this node's launch."""
-    import os
-
     run_yaml, per_node = Path(argv[0]), int(argv[1])
     cmd = node_command(os.environ, argv[2] if len(argv) > 2 else None, run_yaml, per_node)
     os.execv(cmd[0], cmd)
