@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import subprocess
 import sys
 import threading
@@ -265,6 +266,8 @@ def test_warp_tiny_end_to_end_through_accelerate(warp_tiny_run):
         for m in (1, 2):
             info = json.loads((out / f"iter_{i}" / f"run_{m}" / "run_info.json").read_text())
             assert (info["global_step"], info["anchor"], info["data_seed"]) == (3, "ema", (i - 1) * 2 + m - 1)
+            # one run at a time on CPU: each gets every core (accelerate alone would give it one thread)
+            assert info["cpu_threads_per_process"] == len(os.sched_getaffinity(0)), info
             assert (out / f"iter_{i}" / f"run_{m}" / "checkpoint-3" / "trainer_state.json").is_file()
     # The baseline trained I * T steps from the SFT init, with a checkpoint every T steps.
     baseline = out / "baselines" / "sft_anchor_beta0_1"

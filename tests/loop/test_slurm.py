@@ -9,6 +9,7 @@ import pytest
 
 from warpkit._util.config import ConfigError
 from warpkit.loop.config import WarpConfig, load_config
+from warpkit.loop.launch import cpu_threads
 from warpkit.loop.scheduler import check_slurm
 from warpkit.loop.slurm import (
     SlurmConfig,
@@ -86,11 +87,26 @@ def test_each_node_launches_with_its_rank_the_main_address_and_the_job_port():
 
 
 def test_one_node_runs_exactly_the_local_launchers_command():
-    """Same command, same bits: a single-node job runs what `accelerate_launcher` runs locally."""
+    """Same command, same bits: a single-node job runs what `accelerate_launcher` runs locally, its CPU
+    threads included (the task's CPUs, as the local launcher gives a lone run every core)."""
     env = {"SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "vm", "SLURM_JOB_ID": "7"}
-    got = node_command(env, None, Path("r.yaml"), 1)
-    assert got == accelerate_command(None, 1, job_port(7), Path("r.yaml"))
+    got = node_command({**env, "SLURM_CPUS_PER_TASK": "2"}, None, Path("r.yaml"), 1)
+    local = accelerate_command(None, 1, job_port(7), Path("r.yaml"), threads=cpu_threads(1, 1, cores=2))
+    assert got == local and got[got.index("--num_cpu_threads_per_process") + 1] == "2"
     assert "--machine_rank" not in got and "--main_process_ip" not in got
+    # no --cpus-per-task: SLURM's default, and accelerate's; an OMP_NUM_THREADS the user set is kept
+    assert "--num_cpu_threads_per_process" not in node_command(env, None, Path("r.yaml"), 1)
+    kept = node_command({**env, "SLURM_CPUS_PER_TASK": "8", "OMP_NUM_THREADS": "3"}, None, Path("r.yaml"), 1)
+    assert "--num_cpu_threads_per_process" not in kept
+    eight = node_command({**env, "SLURM_CPUS_PER_TASK": "32"}, None, Path("r.yaml"), 8)  # 8 GPUs, 32 CPUs
+    assert eight[eight.index("--num_cpu_threads_per_process") + 1] == "4"
+
+
+def test_cpu_threads_share_the_cores_among_the_processes_that_run_at_once():
+    assert cpu_threads(1, 1, cores=2) == 2  # one run after another: all the cores
+    assert cpu_threads(2, 1, cores=2) == 1  # a 2-process DDP run on 2 cores
+    assert cpu_threads(2, 4, cores=64) == 8  # 4 runs side by side, 2 processes each
+    assert cpu_threads(4, 2, cores=2) == 1  # never fewer than one
 
 
 def test_the_batch_script(tmp_path):

@@ -30,7 +30,9 @@ pytestmark = [
     ),
 ]
 
-SLURM = ["--launcher", "slurm", "--slurm.poll_seconds", "0.5", "--slurm.cpus_per_task", "1"]
+# As many CPUs as the local launcher gives a lone run: the same thread count, so the same bits.
+CPUS = str(len(os.sched_getaffinity(0)))
+SLURM = ["--launcher", "slurm", "--slurm.poll_seconds", "0.5", "--slurm.cpus_per_task", CPUS]
 ONE_ITERATION = ["--iterations", "1", "--baselines", "[]", "--frontier", "null", *SLURM]
 SLOW_REWARD = ["--rl.reward_funcs", "[tests.loop.slurm_rewards:vader_reward]"]
 

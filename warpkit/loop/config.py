@@ -50,6 +50,11 @@ class WarpConfig:
         num_processes: processes per run (overrides the accelerate config's).
         gpus_per_run: GPUs one run needs (default: num_processes). With more GPUs visible, runs of one
             iteration go side by side on disjoint GPU sets.
+        cpu_threads_per_process: CPU threads (OMP_NUM_THREADS) of each training process. None: an equal
+            share of the cores, cores / (num_processes x runs at once) locally (all of them when runs go one
+            after another), slurm.cpus_per_task / processes per node on SLURM. accelerate alone would give a
+            CPU process one thread. The thread count changes a CPU run's last bits: compare runs made with
+            the same count.
         rl: the fields of each run's config: TRL's RLOOConfig/GRPOConfig, TRL's ModelConfig (LoRA) and
             `warpkit.loop.rl.RLArguments`. `model_name_or_path`, `output_dir` and `data_seed` are set per run.
         baselines: single RL runs from the SFT init in the same harness, each `{name: ..., rl: {...}}` whose
@@ -87,6 +92,7 @@ class WarpConfig:
     accelerate_config: str | None = None
     num_processes: int = 1
     gpus_per_run: int | None = None
+    cpu_threads_per_process: int | None = None
     rl: dict[str, Any] = field(default_factory=dict)
     baselines: list[dict[str, Any]] = field(default_factory=list)
     frontier: dict[str, Any] | None = None
@@ -109,6 +115,10 @@ class WarpConfig:
             raise ConfigError(f"num_policies={self.num_policies}: M must be at least 1 (the paper uses 2).")
         if self.num_processes < 1:
             raise ConfigError(f"num_processes={self.num_processes} must be >= 1.")
+        if self.cpu_threads_per_process is not None and self.cpu_threads_per_process < 1:
+            raise ConfigError(
+                f"cpu_threads_per_process={self.cpu_threads_per_process} must be >= 1 (or unset: a share of the cores)."
+            )
         check_eta(self.liti_eta, self.allow_extrapolation, fix=_EXTRAPOLATE)
         check_eta(self.front_etas, self.allow_extrapolation, name="front_etas", fix=_EXTRAPOLATE)
         if self.frontier is not None and {"reference", "policies"} & set(self.frontier):

@@ -30,6 +30,7 @@ from warpkit.loop.launch import (
     RunSpec,
     TrainFn,
     accelerate_launcher,
+    cpu_threads,
     gpu_slots,
     run_steps,
     train_runs,
@@ -136,8 +137,13 @@ def _launcher(config: WarpConfig, manifest: Manifest, detach: bool) -> tuple[lis
     slurm = config.slurm_config()
     if slurm is None:
         slots = gpu_slots(visible_gpus(), config.gpus_per_run or config.num_processes)
-        return slots, accelerate_launcher(config.accelerate_config, config.num_processes)
+        threads = config.cpu_threads_per_process or cpu_threads(config.num_processes, len(slots))
+        return slots, accelerate_launcher(config.accelerate_config, config.num_processes, threads)
     from warpkit.loop.scheduler import SlurmLauncher
+
+    if config.cpu_threads_per_process:  # the nodes' accelerate keeps an OMP_NUM_THREADS it finds set
+        threads = f"export OMP_NUM_THREADS={config.cpu_threads_per_process}"
+        slurm = dataclasses.replace(slurm, setup="\n".join(filter(None, [slurm.setup, threads])))
 
     launcher = SlurmLauncher(slurm, config.accelerate_config, manifest, Path.cwd(), detach=detach)
     return [[] for _ in range(max(config.num_policies, len(config.baselines), 1))], launcher

@@ -33,6 +33,7 @@ __all__ = [
     "RunSpec",
     "TrainFn",
     "accelerate_launcher",
+    "cpu_threads",
     "gpu_slots",
     "train_runs",
     "visible_gpus",
@@ -116,12 +117,23 @@ def visible_gpus() -> int:
         return 0
 
 
-def accelerate_launcher(accelerate_config: str | None, num_processes: int) -> TrainFn:
-    """Train a run as `accelerate launch [--config_file X] --num_processes N -m warpkit.loop.rl --config run.yaml`."""
+def cpu_threads(num_processes: int, side_by_side: int, cores: int | None = None) -> int:
+    """CPU threads per training process: this machine's cores (those this process may use) shared equally
+    among the processes of the runs that go at once; at least 1. 2 cores, one run of one process -> 2."""
+    cores = cores or len(os.sched_getaffinity(0))
+    return max(cores // (num_processes * side_by_side), 1)
+
+
+def accelerate_launcher(
+    accelerate_config: str | None, num_processes: int, threads: int | None = None
+) -> TrainFn:
+    """Train a run as `accelerate launch [--config_file X] --num_processes N [--num_cpu_threads_per_process T]
+    -m warpkit.loop.rl --config run.yaml`."""
 
     def train(spec: RunSpec, env: dict[str, str]) -> None:
         port = int(env.get("WARPKIT_PORT", "29500"))
-        cmd = accelerate_command(accelerate_config, num_processes, port, spec.output_dir / "warp_run.yaml")
+        run_yaml = spec.output_dir / "warp_run.yaml"
+        cmd = accelerate_command(accelerate_config, num_processes, port, run_yaml, threads=threads)
         log_path = spec.output_dir / "train.log"
         log.info("%s: %s\n         log: %s", spec.key, " ".join(cmd[2:]), log_path)
         with open(log_path, "ab") as out:

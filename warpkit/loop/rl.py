@@ -359,6 +359,8 @@ def _write_run_info(
     rl_args, training_args, trainer, policy: Path, global_step: int, resume: Path | None,
     final_policy: dict | None = None,
 ) -> Path:  # fmt: skip
+    import torch
+
     from warpkit import __version__
 
     if trainer.accelerator.is_main_process:
@@ -371,6 +373,7 @@ def _write_run_info(
             "beta": training_args.beta,
             "data_seed": training_args.data_seed,
             "num_processes": trainer.accelerator.num_processes,
+            "cpu_threads_per_process": torch.get_num_threads(),
             "distributed_type": str(trainer.accelerator.distributed_type),
             "global_step": global_step,
             "resumed_from": str(resume) if resume else None,

@@ -136,9 +136,12 @@ def accelerate_command(
     *,
     python: str | None = None,
     machine: tuple[int, int, str] | None = None,
+    threads: int | None = None,
 ) -> list[str]:
     """`python -m accelerate.commands.launch ... -m warpkit.loop.rl --config run_yaml`, the command of every
-    launcher. `machine` = (num_machines, machine_rank, main_process_ip) for a multi-node run."""
+    launcher. `machine` = (num_machines, machine_rank, main_process_ip) for a multi-node run; `threads`: CPU
+    threads per process (accelerate's `--num_cpu_threads_per_process`, i.e. OMP_NUM_THREADS). Without it
+    accelerate gives every CPU process one thread unless OMP_NUM_THREADS is set."""
     nodes, rank, address = machine or (1, 0, "")
     cmd = [python or sys.executable, "-m", "accelerate.commands.launch"]
     if accelerate_config:
@@ -151,6 +154,8 @@ def accelerate_command(
     if nodes > 1:
         cmd += ["--machine_rank", str(rank), "--main_process_ip", address]
     cmd += ["--num_processes", str(num_processes), "--main_process_port", str(port)]
+    if threads is not None:
+        cmd += ["--num_cpu_threads_per_process", str(threads)]
     return [*cmd, "-m", "warpkit.loop.rl", "--config", str(run_yaml)]
 
 
@@ -180,13 +185,16 @@ def node_command(
 ) -> list[str]:
     """The `accelerate launch` command of this node of a job, from SLURM's environment: SLURM_JOB_NUM_NODES
     machines, this one's rank SLURM_NODEID, the first host of SLURM_JOB_NODELIST as the main process, and
-    `job_port(SLURM_JOB_ID)`. `per_node` processes per node (GPUs per node, or 1)."""
+    `job_port(SLURM_JOB_ID)`. `per_node` processes per node (GPUs per node, or 1). Each process gets its share
+    of the task's CPUs, SLURM_CPUS_PER_TASK / per_node (unless OMP_NUM_THREADS is set: accelerate keeps it)."""
+    cpus = env.get("SLURM_CPUS_PER_TASK")
+    threads = max(int(cpus) // per_node, 1) if cpus and "OMP_NUM_THREADS" not in env else None
     nodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
     rank = int(env.get("SLURM_NODEID", 0))
     address = expand_nodelist(env.get("SLURM_JOB_NODELIST", "localhost"))[0]
     return accelerate_command(
         accelerate_config, nodes * per_node, job_port(env.get("SLURM_JOB_ID", 0)), run_yaml,
-        machine=(nodes, rank, address),
+        machine=(nodes, rank, address), threads=threads,
     )  # fmt: skip
 
 
