@@ -63,7 +63,11 @@ class FrontierConfig:
         front_kl: the KL estimator used for fronts, hypervolume, matched KL and the plot's x axis:
             ``kl_exact`` (per-position exact KL, lower variance) or ``kl`` (Monte Carlo log-ratio).
             Both have the same expectation; both are always written.
-        compare: method pairs ``[a, b]`` for reward at matched KL; default every pair.
+        compare: method pairs ``[a, b]`` for reward at matched KL (with the paired interval of the gap) and
+            for the difference of their hypervolumes; default every pair.
+        confidence_level: level of every interval (`warpkit.frontier.intervals`): the paired t interval of
+            reward gaps at matched KL and the bootstrap intervals of hypervolumes.
+        bootstrap_resamples: resamples of the prompts for the hypervolume intervals (0: no intervals).
         method_labels: display names for the plot legend, by method.
         allow_pickle: accept ``pytorch_model.bin`` checkpoints (pickle: runs code on load). Off by default.
         output_dir: where frontier.json, frontier.csv, frontier.png (and rewards.png with extra rewards) go.
@@ -92,6 +96,8 @@ class FrontierConfig:
     hypervolume_reference: list[float] | None = None
     front_kl: Literal["kl_exact", "kl"] = "kl_exact"
     compare: list[list[str]] | None = None
+    confidence_level: float = 0.95
+    bootstrap_resamples: int = 2000
     method_labels: dict[str, str] = field(default_factory=dict)
     allow_pickle: bool = False
     output_dir: str = "frontier_out"
@@ -123,6 +129,12 @@ class FrontierConfig:
             raise ValueError(f"plot_xscale must be 'linear' or 'symlog', got {self.plot_xscale!r}.")
         if self.front_kl not in ("kl_exact", "kl"):
             raise ValueError(f"front_kl must be 'kl_exact' or 'kl', got {self.front_kl!r}.")
+        if not 0 < self.confidence_level < 1:
+            raise ValueError(f"confidence_level must be in (0, 1), e.g. 0.95, got {self.confidence_level}.")
+        if self.bootstrap_resamples < 0:
+            raise ValueError(
+                f"bootstrap_resamples must be >= 0 (0: no hypervolume intervals), got {self.bootstrap_resamples}."
+            )
         if self.hypervolume_reference is not None and len(self.hypervolume_reference) != 2:
             raise ValueError(f"hypervolume_reference must be [kl, reward], got {self.hypervolume_reference}.")
 

@@ -194,15 +194,19 @@ def print_frontier(result: FrontierResult) -> None:
         )
     for method, names in result.fronts.items():
         hv = result.hypervolume["by_method"][method]
-        print(f"front {method}: {' -> '.join(names)}  (hypervolume {hv:.4g}, KL axis: {key})")
+        lo, hi = result.hypervolume.get("interval", {}).get(method, (math.nan, math.nan))
+        ci = f" [{lo:.4g}, {hi:.4g}]" if math.isfinite(lo) else ""
+        print(f"front {method}: {' -> '.join(names)}  (hypervolume {hv:.4g}{ci}, KL axis: {key})")
     if result.reward_fronts:
         x, y = result.reward_front_axes
         for method, names in result.reward_fronts.items():
             print(f"reward front {method} ({x} vs {y}, both maximised): {' -> '.join(names)}")
     for m in result.matched_kl:
         if m["kl"]:
+            lo, hi = m.get("mean_gap_interval", (math.nan, math.nan))
+            ci = f" [{lo:+.4f}, {hi:+.4f}] ({m['level']:.0%}, paired by prompt)" if math.isfinite(lo) else ""
             print(
-                f"reward at matched KL, {m['method_a']} - {m['method_b']}: mean gap {m['mean_gap']:+.4f} "
+                f"reward at matched KL, {m['method_a']} - {m['method_b']}: mean gap {m['mean_gap']:+.4f}{ci} "
                 f"over KL [{m['kl'][0]:.3g}, {m['kl'][-1]:.3g}]"
             )
         else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-__all__ = ["distinct_n", "mean_stderr"]
+__all__ = ["distinct_n", "mean_stderr", "per_prompt_means"]
 
 
 def mean_stderr(values: Sequence[float], prompt_index: Sequence[int]) -> tuple[float, float]:
@@ -41,6 +41,16 @@ def mean_stderr(values: Sequence[float], prompt_index: Sequence[int]) -> tuple[f
     if len(flat) < 2:
         return mean, math.nan
     return sum(flat) / len(flat), math.sqrt(var(flat) / len(flat))
+
+
+def per_prompt_means(values: Sequence[float], prompt_index: Sequence[int]) -> list[float]:
+    """[P] the mean of each prompt's finite values, prompts 0..max(prompt_index); NaN for a prompt without
+    one (every reward skipped)."""
+    sums: dict[int, list[float]] = {}
+    for v, i in zip(values, prompt_index, strict=True):
+        if not math.isnan(v):
+            sums.setdefault(i, []).append(float(v))
+    return [sum(sums[i]) / len(sums[i]) if i in sums else math.nan for i in range(max(prompt_index) + 1)]
 
 
 def distinct_n(completions: Sequence[Sequence[int]], n: int, eos_token_id: int | None = None) -> float:

@@ -5,8 +5,11 @@ the mean length, distinct-1/2, counts, and ``rewards`` (each extra reward's mean
 `summarise` derives from the rows, per method (the SFT reference belongs to every method):
 
 - ``fronts``: the reward-KL Pareto front (`pareto.pareto_front`, KL estimator ``front_kl``);
-- ``hypervolume``: the area each front dominates, against one reference point for all methods;
-- ``matched_kl``: reward of two methods' fronts on a common KL grid (`pareto.reward_at_matched_kl`);
+- ``hypervolume``: the area each front dominates, against one reference point for all methods, with
+  bootstrap intervals over prompts of each area and of the compared pairs' differences;
+- ``matched_kl``: reward of two methods' fronts on a common KL grid (`pareto.reward_at_matched_kl`), with
+  the paired interval of each gap and of the mean gap (`intervals`: every point shares the prompts and
+  random numbers);
 - ``reward_fronts``: with extra rewards, the front where two rewards are both maximised (rewarded soups).
 """
 
@@ -17,11 +20,20 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
 from warpkit.frontier.config import FrontierConfig
 from warpkit.frontier.estimate import PolicySamples
+from warpkit.frontier.intervals import (
+    bootstrap_counts,
+    bootstrap_interval,
+    front_coefficients,
+    hypervolumes,
+    paired_gap,
+)
 from warpkit.frontier.pareto import hypervolume, pareto_front, pareto_front_max, reward_at_matched_kl
 from warpkit.frontier.policies import Point
-from warpkit.frontier.stats import distinct_n, mean_stderr
+from warpkit.frontier.stats import distinct_n, mean_stderr, per_prompt_means
 
 __all__ = ["FrontierResult", "Row", "point_row", "reward_value", "summarise"]
 
@@ -80,6 +92,10 @@ def point_row(point: Point, s: PolicySamples, eos_token_id: int | None, extra: d
     }
     for key, values in (("reward", s.rewards), ("kl", s.kl), ("kl_exact", s.kl_exact)):
         row[f"{key}_mean"], row[f"{key}_stderr"] = mean_stderr(values, s.prompt_index)
+    row["per_prompt"] = {  # [P] per-prompt means: the paired intervals (`intervals`) resample these
+        key: per_prompt_means(values, s.prompt_index)
+        for key, values in (("reward", s.rewards), ("kl", s.kl), ("kl_exact", s.kl_exact))
+    }
     row["length_mean"] = sum(s.length) / len(s.length)
     row["distinct_1"] = distinct_n(s.completions, 1, eos_token_id)
     row["distinct_2"] = distinct_n(s.completions, 2, eos_token_id)
@@ -154,7 +170,8 @@ def _members(ok: list[Row], method: str) -> list[Row]:
 
 
 def _hypervolumes(config: FrontierConfig, ok: list[Row], members: dict[str, list[Row]]) -> dict[str, Any]:
-    """Each method's hypervolume against one reference point: the config's, or a default named in ``how``."""
+    """Each method's hypervolume against one reference point (the config's, or a default named in ``how``),
+    with bootstrap intervals of each and of the compared pairs' differences (`intervals`)."""
     kl_key = f"{config.front_kl}_mean"
     sft = [r for r in ok if r["method"] == "sft"]
     if config.hypervolume_reference is not None:
@@ -166,30 +183,106 @@ def _hypervolumes(config: FrontierConfig, ok: list[Row], members: dict[str, list
         how = "default: KL = 1.1 x the largest KL of all points, reward = " + (
             "the SFT reference's reward" if sft else "the lowest reward"
         )
-    return {
-        "reference_point": {"kl": ref_kl, "reward": ref_reward, "how": how, "kl_estimator": config.front_kl},
-        "by_method": {
-            m: hypervolume([r[kl_key] for r in pts], [r["reward_mean"] for r in pts], ref_kl, ref_reward)
-            for m, pts in members.items()
-        },
+    by_method = {
+        m: hypervolume([r[kl_key] for r in pts], [r["reward_mean"] for r in pts], ref_kl, ref_reward)
+        for m, pts in members.items()
     }
+    out = {
+        "reference_point": {"kl": ref_kl, "reward": ref_reward, "how": how, "kl_estimator": config.front_kl},
+        "by_method": by_method,
+    }
+    if config.bootstrap_resamples and ok and all("per_prompt" in r for r in ok):
+        out |= _hypervolume_intervals(config, ok, members, by_method, (ref_kl, ref_reward))
+    return out
+
+
+def _hypervolume_intervals(
+    config: FrontierConfig,
+    ok: list[Row],
+    members: dict[str, list[Row]],
+    by_method: dict[str, float],
+    ref: tuple[float, float],
+) -> dict[str, Any]:
+    """Percentile bootstrap over prompts of each hypervolume and of each compared pair's difference; the
+    reference point stays fixed (the estimates' own, so a resample is measured against the same box)."""
+    index = {r["name"]: n for n, r in enumerate(ok)}
+    kl = np.array([r["per_prompt"][config.front_kl] for r in ok], dtype=np.float64)
+    reward = np.array([r["per_prompt"]["reward"] for r in ok], dtype=np.float64)
+    idx = {m: [index[r["name"]] for r in pts] for m, pts in members.items()}
+    area = hypervolumes(idx, *ref)
+    pairs = [(a, b) for a, b in _pairs(config, list(members)) if a in idx and b in idx]
+
+    def statistic(kl_means: np.ndarray, reward_means: np.ndarray) -> dict[str, float]:
+        hv = area(kl_means, reward_means)
+        return hv | {f"{a} - {b}": hv[a] - hv[b] for a, b in pairs}
+
+    counts = bootstrap_counts(kl.shape[1], config.bootstrap_resamples, config.seed)
+    bounds = bootstrap_interval(kl, reward, counts, statistic, config.confidence_level)
+    return {
+        "interval": {m: list(bounds[m]) for m in idx},
+        "differences": [
+            {"method_a": a, "method_b": b, "difference": by_method[a] - by_method[b], "interval": list(bounds[f"{a} - {b}"])}
+            for a, b in pairs
+        ],
+        "bootstrap": {
+            "resamples": config.bootstrap_resamples, "seed": config.seed, "level": config.confidence_level,
+            "unit": "prompt",
+        },
+    }  # fmt: skip
+
+
+def _pairs(config: FrontierConfig, methods: list[str]) -> list[list[str]]:
+    """The config's ``compare`` pairs, or every pair of methods."""
+    if config.compare is not None:
+        return config.compare
+    return [[a, b] for i, a in enumerate(methods) for b in methods[i + 1 :]]
 
 
 def _matched_kl(config: FrontierConfig, ok: list[Row], methods: list[str]) -> list[dict[str, Any]]:
-    """Reward at matched KL for the config's ``compare`` pairs (default: every pair of methods)."""
+    """Reward at matched KL for the config's ``compare`` pairs (default: every pair of methods), with the
+    paired interval of each gap and of the mean gap (`intervals.paired_gap`)."""
     kl_key = f"{config.front_kl}_mean"
-    pairs = (
-        config.compare
-        if config.compare is not None
-        else [[a, b] for i, a in enumerate(methods) for b in methods[i + 1 :]]
-    )
     matched = []
-    for a, b in pairs:
-        pa = [(r[kl_key], r["reward_mean"]) for r in _members(ok, a)]
-        pb = [(r[kl_key], r["reward_mean"]) for r in _members(ok, b)]
+    for a, b in _pairs(config, methods):
+        rows_a, rows_b = _members(ok, a), _members(ok, b)
+        pa = [(r[kl_key], r["reward_mean"]) for r in rows_a]
+        pb = [(r[kl_key], r["reward_mean"]) for r in rows_b]
         if pa and pb:
-            matched.append(asdict(reward_at_matched_kl(a, pa, b, pb)))
+            entry = asdict(reward_at_matched_kl(a, pa, b, pb))
+            if entry["kl"] and all("per_prompt" in r for r in rows_a + rows_b):
+                entry |= _gap_intervals(config, entry["kl"], rows_a, rows_b)
+            matched.append(entry)
     return matched
+
+
+def _gap_intervals(config: FrontierConfig, grid: list[float], rows_a: list[Row], rows_b: list[Row]) -> Row:
+    """Per grid KL the paired (gap, stderr, low, high); the mean gap's from the grid-averaged coefficients
+    (interpolation is linear, so the mean over the grid is one more linear combination of the points)."""
+    kl_key = f"{config.front_kl}_mean"
+    coefs = []
+    for rows in (rows_a, rows_b):
+        kl, reward = [r[kl_key] for r in rows], [r["reward_mean"] for r in rows]
+        coefs.append([front_coefficients(kl, reward, k) for k in grid])
+    per_prompt = [[r["per_prompt"]["reward"] for r in rows] for rows in (rows_a, rows_b)]
+    level = config.confidence_level
+    gaps = [paired_gap(per_prompt[0], ca, per_prompt[1], cb, level) for ca, cb in zip(*coefs, strict=True)]
+    mean_coefs = [_averaged(c) for c in coefs]
+    _, se, lo, hi = paired_gap(per_prompt[0], mean_coefs[0], per_prompt[1], mean_coefs[1], level)
+    return {
+        "gap_stderr": [g[1] for g in gaps],
+        "gap_interval": [[g[2], g[3]] for g in gaps],
+        "mean_gap_stderr": se,
+        "mean_gap_interval": [lo, hi],
+        "level": level,
+    }
+
+
+def _averaged(coefficients: list[dict[int, float]]) -> dict[int, float]:
+    total: dict[int, float] = {}
+    for c in coefficients:
+        for i, v in c.items():
+            total[i] = total.get(i, 0.0) + v / len(coefficients)
+    return total
 
 
 def _skipped(
