@@ -45,19 +45,118 @@ def seed_config(seed: int, runs_dir: Path, config_path: Path = CONFIG) -> Any:
     return build_dataclass(WarpConfig, raw, str(config_path))
 
 
-def train(seeds: list[int], runs_dir: Path) -> None:
-    """Phase 1: `warpkit train` of each seed (resumes; a finished seed is skipped by its manifest)."""
+def train(seeds: list[int], runs_dir: Path, config_path: Path = CONFIG, train_fn: Any = None) -> None:
+    """Phase 1: `warpkit train` of each seed (resumes; a finished seed is skipped by its manifest).
+    `train_fn`: the driver's (tests pass a fake trainer)."""
     from warpkit.loop.driver import run_warp, validate_rl_section
 
     for seed in seeds:
         log.info("seed %d: training under %s", seed, runs_dir / f"seed_{seed}")
-        run_warp(seed_config(seed, runs_dir), validate=validate_rl_section)
+        config = seed_config(seed, runs_dir, config_path)
+        run_warp(config, validate=None if train_fn else validate_rl_section, train_fn=train_fn)
+
+
+# The evaluation of every seed: all 35 held-out prompts x 12 samples (a point's reward stderr about 0.015),
+# the runs' sampling distribution (temperature 0.9, 16 tokens), the same random numbers for every point.
+FRONTIER: dict[str, Any] = {
+    "num_prompts": None,
+    "samples_per_prompt": 12,
+    "max_new_tokens": 16,
+    "temperature": 0.9,
+    "batch_size": 64,
+    "seed": 0,
+    "plot_xscale": "symlog",
+    "bootstrap_resamples": 2000,
+}
+ABLATION_LABELS = {
+    "lerp_iter1": "LERP of iteration 1's two runs (lambda = 1/2)",
+    "warp_m1_iter1": "M = 1: LITI front of one run of iteration 1",
+}
+
+
+def ablations(config: Any, sft: Path, out: Path) -> list[dict[str, Any]]:
+    """Frontier entries of the ablations at iteration 1, from the same two runs: their LERP (claim 3,
+    against the SLERP point warp-iter1/eta=1) and the LITI front of run 1 alone (M = 1, claim 4)."""
+    from warpkit.merge.folders import merge_folders
+
+    policies = [out / "iter_1" / f"run_{m}" / "policy" for m in (1, 2)]
+    lerp = out / "ablations" / "lerp_iter1"
+    if not (lerp / "warpkit_merge.json").is_file():  # merge_folders publishes the folder whole, or not at all
+        merge_folders("lerp", sft, policies, lerp, granularity=config.merge_granularity, progress=False)
+    return [
+        {"name": "lerp_iter1", "method": "lerp_iter1", "path": str(lerp), "params": {"lambda": 0.5}},
+        {
+            "name": "m1-iter1",
+            "method": "warp_m1_iter1",
+            "liti": {"init": str(sft), "merged": str(policies[0]), "etas": list(config.frontier_etas)},
+            "params": {"iteration": 1, "num_policies": 1},
+        },
+    ]
+
+
+def evaluate(
+    seeds: list[int], runs_dir: Path, config_path: Path = CONFIG, frontier: dict[str, Any] | None = None,
+    train_fn: Any = None,
+) -> None:  # fmt: skip
+    """Phase 2: per seed, the frontier of its artefacts and the ablations (`FRONTIER`, or `frontier`),
+    through the driver (its manifest skips a frontier already evaluated on the same inputs, and the runs
+    trained in phase 1), and the task-vector geometry."""
+    from warpkit.loop.driver import run_warp, validate_rl_section
+    from warpkit.workloads import resolve_model_path
+
+    for seed in seeds:
+        config = seed_config(seed, runs_dir, config_path)
+        sft, out = Path(resolve_model_path(config.model_name_or_path)), Path(config.output_dir)
+        config.frontier_policies = ablations(config, sft, out)
+        title = f"WARP (I={config.iterations}, M={config.num_policies}) vs baselines, seed {seed}"
+        config.frontier = {**(frontier or FRONTIER), "title": title, "method_labels": ABLATION_LABELS}
+        log.info("seed %d: frontier of %s", seed, out)
+        run_warp(config, validate=None if train_fn else validate_rl_section, train_fn=train_fn)
+        write_geometry(config, out)
+
+
+def write_geometry(config: Any, out: Path) -> None:
+    """out/geometry.json, per iteration: cos(d_1, d_2) of the two runs' task vectors per block (from
+    merge_stats.json), cos(theta_1, theta_2) of their whole weights, and Model Stock's eta = 2cos/(1+cos)."""
+    import json
+
+    from warpkit._util.files import write_atomic
+
+    doc = {}
+    for i in range(1, config.iterations + 1):
+        stats = json.loads((out / f"iter_{i}" / "merge_stats.json").read_text())
+        cos = {k.split("/")[1]: v for k, v in stats.items() if k.endswith("/cos")}
+        runs = [out / f"iter_{i}" / f"run_{m}" / "policy" for m in (1, 2)]
+        doc[f"iter_{i}"] = {
+            "task_vector_cos": cos,
+            "weights_cos": weights_cos(*runs),
+            "model_stock_eta": {g: 2 * c / (1 + c) for g, c in cos.items()},
+        }
+    write_atomic(out / "geometry.json", json.dumps(doc, indent=1))
+
+
+def weights_cos(a: Path, b: Path) -> float:
+    """cos(theta_a, theta_b) over every weight of two safetensors folders, in float64, tensor by tensor."""
+    from safetensors import safe_open
+
+    dot = norm_a = norm_b = 0.0
+    files = sorted(a.glob("*.safetensors"))
+    for f in files:
+        with safe_open(f, "pt") as fa, safe_open(b / f.name, "pt") as fb:
+            for key in fa.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+                x, y = fa.get_tensor(key).double(), fb.get_tensor(key).double()
+                dot += float((x * y).sum())
+                norm_a += float((x * x).sum())
+                norm_b += float((y * y).sum())
+    return dot / (norm_a * norm_b) ** 0.5
 
 
 def main(argv: list[str] | None = None) -> int:
     from warpkit._util.log import setup_logging
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--phase", choices=["train", "evaluate", "report", "all"], default="all")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument("--runs_dir", type=Path, default=REPO / "runs" / "warp_evidence")
@@ -66,6 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     if args.phase in ("train", "all"):
         train(args.seeds, args.runs_dir)
+    if args.phase in ("evaluate", "all"):
+        evaluate(args.seeds, args.runs_dir)
+    if args.phase in ("report", "all"):
+        from experiments.warp_evidence_report import write_report
+
+        write_report(args.seeds, args.runs_dir, args.results)
     return 0
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from warpkit._util.config import ConfigError
 from warpkit.loop.config import load_config
 from warpkit.loop.rl import parse_args
 
@@ -64,6 +65,27 @@ def test_baselines_of_every_anchor_kind_get_a_frontier_label(tmp_path):
     assert [p["method"] for p in baselines] == [f"{kind}_anchor" for kind in kinds]
     assert all(doc["method_labels"][p["method"]] for p in baselines)
     assert baselines[-1]["params"] == {"beta": 0.1, "reset_every": 2}
+
+
+def test_a_baseline_method_groups_it_on_the_frontier(tmp_path):
+    """SFT-anchor runs of a beta grid share one front by default; `method` draws one as a method of its own."""
+    from warpkit.loop.config import WarpConfig
+    from warpkit.loop.evaluate import frontier_document
+
+    config = WarpConfig(
+        model_name_or_path="sft", output_dir=str(tmp_path), rl={"max_steps": 2, "beta": 0.1},
+        baselines=[
+            {"name": "sft_b0_1", "rl": {"anchor": "sft"}},
+            {"name": "sft_b0_01", "rl": {"anchor": "sft", "beta": 0.01}},
+            {"name": "sft_b1", "rl": {"anchor": "sft", "beta": 1.0}, "method": "sft_beta1"},
+        ],
+    )  # fmt: skip
+    doc = frontier_document(config, tmp_path / "sft", tmp_path)
+    methods = {p["name"]: p["method"] for p in doc["policies"] if p["name"].startswith("sft_")}
+    assert methods == {"sft_b0_1": "sft_anchor", "sft_b0_01": "sft_anchor", "sft_b1": "sft_beta1"}
+    assert doc["method_labels"]["sft_beta1"] == "RL, SFT anchor (sft_b1)"
+    with pytest.raises(ConfigError, match="method='a b' must be an identifier"):
+        WarpConfig(model_name_or_path="sft", baselines=[{"name": "x", "rl": {}, "method": "a b"}])
 
 
 def test_baselines_with_an_averaged_policy_are_drawn_as_that_policy(tmp_path):

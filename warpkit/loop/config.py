@@ -58,7 +58,9 @@ class WarpConfig:
         rl: the fields of each run's config: TRL's RLOOConfig/GRPOConfig, TRL's ModelConfig (LoRA) and
             `warpkit.loop.rl.RLArguments`. `model_name_or_path`, `output_dir` and `data_seed` are set per run.
         baselines: single RL runs from the SFT init in the same harness, each `{name: ..., rl: {...}}` whose
-            rl fields override the rl section (e.g. `{name: sft_beta0.1, rl: {anchor: sft, beta: 0.1}}`).
+            rl fields override the rl section (e.g. `{name: sft_beta0.1, rl: {anchor: sft, beta: 0.1}}`), and
+            an optional `method`: its group on the frontier (default `<anchor>_anchor`, so the SFT-anchor runs
+            of a beta grid form one front; give each its own method to compare them one by one).
             Equal budget: a baseline trains `iterations * rl.max_steps` steps (as many sequential steps as
             WARP's final policy has seen), unless its rl sets max_steps; checkpoints every rl.max_steps steps
             (or its own rl.save_steps) are kept as its trajectory. One with `final_policy: swa | lawa` is
@@ -153,10 +155,17 @@ class WarpConfig:
 
     def _check_baselines(self) -> None:
         for b in self.baselines:
-            if set(b) - {"name", "rl"} or not isinstance(b.get("name"), str) or not b["name"].isidentifier():
+            if (
+                set(b) - {"name", "rl", "method"}
+                or not isinstance(b.get("name"), str)
+                or not b["name"].isidentifier()
+            ):
                 raise ConfigError(
-                    f"baseline {b!r}: give {{name: <identifier>, rl: {{...}}}} (e.g. name: sft_beta0_1)."
+                    f"baseline {b!r}: give {{name: <identifier>, rl: {{...}}}} (e.g. name: sft_beta0_1), "
+                    "optionally method: <identifier> (its group on the frontier)."
                 )
+            if not isinstance(b.get("method", ""), str) or not b.get("method", "x").isidentifier():
+                raise ConfigError(f"baseline {b['name']}: method={b['method']!r} must be an identifier.")
         names = [b["name"] for b in self.baselines]
         if len(set(names)) != len(names):
             raise ConfigError(f"baseline names must be unique, got {names}.")

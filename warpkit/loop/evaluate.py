@@ -69,8 +69,11 @@ def frontier_document(config: WarpConfig, sft: Path, out: Path) -> dict[str, Any
         for i in iterations
     ]
     labels = {f"warp_iter{i}": f"WARP iteration {i} (LITI front from SFT)" for i in iterations}
+    methods = {b["name"]: b.get("method") for b in config.baselines}
     for spec in baseline_specs(config, sft, out):
         method, label, policy = _baseline_policy(spec)
+        if methods[spec.name]:  # the config's own group, labelled with the run's parameters
+            method, label = methods[spec.name], f"{label} ({spec.name})"
         labels.setdefault(method, label)
         params = {k: spec.rl[k] for k in _PARAMS if k in spec.rl}
         policies.append({"name": spec.name, "method": method, **policy, "params": params})
