@@ -3,8 +3,8 @@ the ablations on one reward-KL frontier, and write `results/warp_evidence/` (RES
 
 Phases, each resumable (re-run the same command after any interruption; finished work is skipped):
 1. train: one `warpkit train` of the config per seed (WARP, I = 3, M = 2, and the baselines at equal
-   sequential budget), under `runs/warp_evidence/seed_<s>/`. Seed 0 trains every baseline of the config,
-   the other seeds `MAIN_BASELINES`.
+   sequential budget), under `runs/warp_evidence/seed_<s>/`. The first seed trains every baseline of the
+   config, the other seeds its `main_baselines`.
 2. evaluate: per seed, the frontier of WARP's iterations, the baselines' trajectories and, for seed 0, the
    ablations (LERP instead of SLERP at iteration 1; M = 1: the LITI front of one run), every point on the
    same held-out prompts with common random numbers.
@@ -12,6 +12,9 @@ Phases, each resumable (re-run the same command after any interruption; finished
 
 Run (about 2 hours on 2 CPU cores):
     python -m experiments.warp_evidence [--phase train|evaluate|report|all] [--seeds 0 1 2]
+        [--config experiments/warp_evidence.yaml] [--runs_dir runs/warp_evidence] [--results results/warp_evidence]
+The GPU recipe: --config experiments/warp_evidence_gpu.yaml --runs_dir runs/warp_evidence_gpu
+--results results/warp_evidence_gpu.
 """
 
 from __future__ import annotations
@@ -26,22 +29,33 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 CONFIG = HERE / "warp_evidence.yaml"
 SEEDS = (0, 1, 2)
-MAIN_BASELINES = ("sft_beta0_05", "ema_anchor")  # trained for every seed; the rest for seed 0 only
 log = logging.getLogger("warp_evidence")
 
-__all__ = ["CONFIG", "MAIN_BASELINES", "SEEDS", "seed_config"]
+__all__ = ["CONFIG", "SEEDS", "evaluate", "load_experiment", "seed_config", "train"]
 
 
-def seed_config(seed: int, runs_dir: Path, config_path: Path = CONFIG) -> Any:
+def load_experiment(config_path: Path = CONFIG) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """(the WARP config's fields, the frontier settings of every seed's evaluation (`evaluation:`), the
+    baselines every seed trains (`main_baselines:`; the others are trained for the first seed only))."""
+    from warpkit._util.config import ConfigError, load_yaml_mapping
+
+    raw = load_yaml_mapping(config_path, "WARP evidence config")
+    for key in ("evaluation", "main_baselines"):
+        if key not in raw:
+            raise ConfigError(f"{config_path}: set {key}: (see experiments/warp_evidence.yaml).")
+    return raw, raw.pop("evaluation"), list(raw.pop("main_baselines"))
+
+
+def seed_config(seed: int, runs_dir: Path, config_path: Path = CONFIG, first_seed: int = SEEDS[0]) -> Any:
     """The `WarpConfig` of one seed: data order `seed`, output `runs_dir/seed_<seed>`, its baselines."""
-    from warpkit._util.config import build_dataclass, load_yaml_mapping
+    from warpkit._util.config import build_dataclass
     from warpkit.loop.config import WarpConfig
 
-    raw = load_yaml_mapping(config_path, "WARP config")
+    raw, _, main_baselines = load_experiment(config_path)
     raw["seed"] = seed
     raw["output_dir"] = str(runs_dir / f"seed_{seed}")
-    if seed != SEEDS[0]:
-        raw["baselines"] = [b for b in raw.get("baselines", []) if b["name"] in MAIN_BASELINES]
+    if seed != first_seed:
+        raw["baselines"] = [b for b in raw.get("baselines", []) if b["name"] in main_baselines]
     return build_dataclass(WarpConfig, raw, str(config_path))
 
 
@@ -56,18 +70,6 @@ def train(seeds: list[int], runs_dir: Path, config_path: Path = CONFIG, train_fn
         run_warp(config, validate=None if train_fn else validate_rl_section, train_fn=train_fn)
 
 
-# The evaluation of every seed: all 35 held-out prompts x 12 samples (a point's reward stderr about 0.015),
-# the runs' sampling distribution (temperature 0.9, 16 tokens), the same random numbers for every point.
-FRONTIER: dict[str, Any] = {
-    "num_prompts": None,
-    "samples_per_prompt": 12,
-    "max_new_tokens": 16,
-    "temperature": 0.9,
-    "batch_size": 64,
-    "seed": 0,
-    "plot_xscale": "symlog",
-    "bootstrap_resamples": 2000,
-}
 ABLATION_LABELS = {
     "lerp_iter1": "LERP of iteration 1's two runs (lambda = 1/2)",
     "warp_m1_iter1": "M = 1: LITI front of one run of iteration 1",
@@ -94,22 +96,20 @@ def ablations(config: Any, sft: Path, out: Path) -> list[dict[str, Any]]:
     ]
 
 
-def evaluate(
-    seeds: list[int], runs_dir: Path, config_path: Path = CONFIG, frontier: dict[str, Any] | None = None,
-    train_fn: Any = None,
-) -> None:  # fmt: skip
-    """Phase 2: per seed, the frontier of its artefacts and the ablations (`FRONTIER`, or `frontier`),
+def evaluate(seeds: list[int], runs_dir: Path, config_path: Path = CONFIG, train_fn: Any = None) -> None:
+    """Phase 2: per seed, the frontier of its artefacts and the ablations (the config's `evaluation:`),
     through the driver (its manifest skips a frontier already evaluated on the same inputs, and the runs
     trained in phase 1), and the task-vector geometry."""
     from warpkit.loop.driver import run_warp, validate_rl_section
     from warpkit.workloads import resolve_model_path
 
+    _, evaluation, _ = load_experiment(config_path)
     for seed in seeds:
         config = seed_config(seed, runs_dir, config_path)
         sft, out = Path(resolve_model_path(config.model_name_or_path)), Path(config.output_dir)
         config.frontier_policies = ablations(config, sft, out)
         title = f"WARP (I={config.iterations}, M={config.num_policies}) vs baselines, seed {seed}"
-        config.frontier = {**(frontier or FRONTIER), "title": title, "method_labels": ABLATION_LABELS}
+        config.frontier = {**evaluation, "title": title, "method_labels": ABLATION_LABELS}
         log.info("seed %d: frontier of %s", seed, out)
         run_warp(config, validate=None if train_fn else validate_rl_section, train_fn=train_fn)
         write_geometry(config, out)
@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--config", type=Path, default=CONFIG)
     parser.add_argument("--phase", choices=["train", "evaluate", "report", "all"], default="all")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument("--runs_dir", type=Path, default=REPO / "runs" / "warp_evidence")
@@ -164,13 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     if args.phase in ("train", "all"):
-        train(args.seeds, args.runs_dir)
+        train(args.seeds, args.runs_dir, args.config)
     if args.phase in ("evaluate", "all"):
-        evaluate(args.seeds, args.runs_dir)
+        evaluate(args.seeds, args.runs_dir, args.config)
     if args.phase in ("report", "all"):
         from experiments.warp_evidence_report import write_report
 
-        write_report(args.seeds, args.runs_dir, args.results)
+        write_report(args.seeds, args.runs_dir, args.results, args.config)
     return 0
 
 

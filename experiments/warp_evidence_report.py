@@ -27,10 +27,10 @@ __all__ = ["CLAIMS", "effect", "render", "summarise_seeds", "verdict", "write_re
 CLAIMS: list[tuple[str, str, str, str, str, int]] = [
     ("1", "EMA anchor above SFT anchor at the same beta (0.05), reward at matched KL",
      "matched", "ema_anchor", "sft_anchor", +1),
-    ("1b", "SFT anchor, small beta (0.01): more KL than beta 0.05 after 18 steps",
-     "point:kl_exact", "sft_beta0_01/step=18", "sft_beta0_05/step=18", +1),
-    ("1c", "SFT anchor, large beta (0.2): less KL than beta 0.05 after 18 steps",
-     "point:kl_exact", "sft_beta0_2/step=18", "sft_beta0_05/step=18", -1),
+    ("1b", "SFT anchor, small beta (0.01): more KL than beta 0.05 after the whole budget",
+     "point:kl_exact", "sft_beta0_01/step={last}", "sft_beta0_05/step={last}", +1),
+    ("1c", "SFT anchor, large beta (0.2): less KL than beta 0.05 after the whole budget",
+     "point:kl_exact", "sft_beta0_2/step={last}", "sft_beta0_05/step={last}", -1),
     ("3", "SLERP above LERP in reward (iteration 1, lambda = 1/2, the same two runs)",
      "point:reward", "warp-iter1/eta=1", "lerp_iter1", +1),
     ("3b", "LERP lowers KL relative to SLERP (same merge)",
@@ -98,8 +98,9 @@ def verdict(expected: int, low: float, high: float) -> str:
     return "inconclusive"
 
 
-def _claim(claim: tuple, docs: dict[int, dict[str, Any]]) -> dict[str, Any]:
+def _claim(claim: tuple, docs: dict[int, dict[str, Any]], last_step: int) -> dict[str, Any]:
     cid, text, kind, a, b, expected = claim
+    a, b = a.format(last=last_step), b.format(last=last_step)  # a baseline's last checkpoint
     per_seed = {s: e for s, doc in docs.items() if (e := effect(doc, kind, a, b)) is not None}
     row: dict[str, Any] = {"id": cid, "claim": text, "kind": kind, "a": a, "b": b, "expected_sign": expected}
     row["per_seed"] = {str(s): list(e) for s, e in per_seed.items()}
@@ -160,7 +161,7 @@ def summarise_seeds(
     return {
         "facts": facts,
         "seeds": sorted(docs),
-        "claims": [_claim(c, docs) for c in CLAIMS],
+        "claims": [_claim(c, docs, facts["last_step"]) for c in CLAIMS],
         "geometry": _geometry(geometries),
         "points": _points(docs),
         "hypervolume": {str(s): d["hypervolume"]["by_method"] for s, d in docs.items()},
@@ -273,8 +274,8 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 
 
 NOTES = [
-    "- Scale: a 135M model, a lexicon reward and 18 sequential RL steps per method, far from the paper's",
-    "  thousands of steps on Gemma 7B; a verdict here is about this scale only.",
+    "- Scale: a 135M model, a lexicon reward and a few dozen sequential RL steps per method, far from the",
+    "  paper's thousands of steps on Gemma 7B; a verdict here is about this scale only.",
     "- Seeds change the prompt order of every run; the sampling seed of the runs and of the evaluation is",
     "  fixed, so the evaluation's noise is shared by all points (common random numbers) and the spread",
     "  across seeds is the training's.",
@@ -314,6 +315,7 @@ def _facts(config: Any, docs: dict[int, dict[str, Any]], runs_dir: Path) -> dict
         f"{transformers.__version__}, trl {trl.__version__}, warpkit {__version__}",
         "wall_time": _wall_times(runs_dir, sorted(docs)),
         "level": fr["confidence_level"],
+        "last_step": config.iterations * rl["max_steps"],
         "notes": NOTES,
     }
 

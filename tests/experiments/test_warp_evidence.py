@@ -14,7 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from experiments.warp_evidence import CONFIG, evaluate, train
+from experiments.warp_evidence import CONFIG, evaluate, load_experiment, train
 from experiments.warp_evidence_report import effect, render, verdict, write_report
 from tests.loop.fakes import fake_policy_state
 from warpkit.loop.launch import RunSpec
@@ -51,12 +51,12 @@ def fake_run(spec: RunSpec, env: dict[str, str]) -> None:
 def experiment(tmp_path_factory):
     root = tmp_path_factory.mktemp("evidence")
     sft = save_tiny_model(root / "sft", "llama", hidden_size=32, num_layers=2, seed=0)
-    raw = yaml.safe_load(CONFIG.read_text()) | {"model_name_or_path": str(sft)}
+    raw = yaml.safe_load(CONFIG.read_text()) | {"model_name_or_path": str(sft), "evaluation": TINY_FRONTIER}
     config = root / "experiment.yaml"
     config.write_text(yaml.safe_dump(raw))
     runs, results = root / "runs", root / "results"
     train([0, 1], runs, config, train_fn=fake_run)
-    evaluate([0, 1], runs, config, frontier=TINY_FRONTIER, train_fn=fake_run)
+    evaluate([0, 1], runs, config, train_fn=fake_run)
     write_report([0, 1], runs, results, config)
     return runs, results
 
@@ -140,3 +140,25 @@ def test_verdict_rule():
     assert verdict(+1, 0.01, 0.2) == "holds" and verdict(-1, -0.3, -0.1) == "holds"
     assert verdict(+1, -0.3, -0.1) == "contradicted"
     assert verdict(+1, -0.1, 0.2) == "inconclusive" and verdict(+1, math.nan, math.nan) == "inconclusive"
+
+
+@pytest.mark.parametrize("name", ["warp_evidence.yaml", "warp_evidence_gpu.yaml"])
+def test_the_cpu_and_gpu_recipes_load_and_train_what_the_claims_compare(name, tmp_path):
+    from experiments.warp_evidence import seed_config
+    from warpkit.frontier.config import FrontierConfig
+    from warpkit.loop.evaluate import baseline_specs
+    from warpkit.loop.rl import check_settings
+
+    path = CONFIG.parent / name
+    text = path.read_text()
+    assert (text.startswith("#") and "Launch:" in text) or "Run it" in text
+    _, evaluation, main = load_experiment(path)
+    FrontierConfig(reference="r", **evaluation)  # the evaluation settings are a valid frontier config
+    first, other = seed_config(0, tmp_path, path), seed_config(1, tmp_path, path)
+    assert [b["name"] for b in other.baselines] == main
+    assert {"sft_beta0_01", "sft_beta0_05", "sft_beta0_2", "ema_anchor"} <= {
+        b["name"] for b in first.baselines
+    }
+    for spec in baseline_specs(first, tmp_path / "sft", tmp_path):
+        check_settings({**spec.run_config(), "data_seed": 0})
+        assert spec.rl["max_steps"] == first.iterations * first.rl["max_steps"]  # equal sequential budget
