@@ -59,15 +59,43 @@ def seed_config(seed: int, runs_dir: Path, config_path: Path = CONFIG, first_see
     return build_dataclass(WarpConfig, raw, str(config_path))
 
 
-def train(seeds: list[int], runs_dir: Path, config_path: Path = CONFIG, train_fn: Any = None) -> None:
+def train(
+    seeds: list[int], runs_dir: Path, config_path: Path = CONFIG, train_fn: Any = None, threads: int | None = None
+) -> None:  # fmt: skip
     """Phase 1: `warpkit train` of each seed (resumes; a finished seed is skipped by its manifest).
-    `train_fn`: the driver's (tests pass a fake trainer)."""
+    `train_fn`: the driver's (tests pass a fake trainer); `threads`: CPU threads of each run (None: all)."""
     from warpkit.loop.driver import run_warp, validate_rl_section
 
     for seed in seeds:
         log.info("seed %d: training under %s", seed, runs_dir / f"seed_{seed}")
         config = seed_config(seed, runs_dir, config_path)
+        config.cpu_threads_per_process = threads
         run_warp(config, validate=None if train_fn else validate_rl_section, train_fn=train_fn)
+
+
+def train_side_by_side(seeds: list[int], runs_dir: Path, config_path: Path, jobs: int) -> None:
+    """Phase 1 with `jobs` seeds at once, each a process of this script whose runs get cores / jobs threads.
+    On a small CPU this beats one multithreaded run at a time: a run's many small parallel regions
+    stall whenever any other process holds one of its cores."""
+    import os
+    import shlex
+    import subprocess
+    import time
+
+    threads = max(len(os.sched_getaffinity(0)) // jobs, 1)
+    pending = list(seeds)
+    running: list[subprocess.Popen] = []
+    while pending or running:
+        while pending and len(running) < jobs:
+            seed = pending.pop(0)
+            cmd = [sys.executable, "-m", "experiments.warp_evidence", "--phase", "train", "--seeds", str(seed),
+                   "--config", str(config_path), "--runs_dir", str(runs_dir), "--threads", str(threads)]  # fmt: skip
+            running.append(subprocess.Popen(cmd, cwd=REPO))
+        time.sleep(2)
+        for proc in [p for p in running if p.poll() is not None]:
+            if proc.returncode != 0:
+                raise SystemExit(f"training a seed failed (exit {proc.returncode}): {shlex.join(proc.args)}")
+            running.remove(proc)
 
 
 ABLATION_LABELS = {
@@ -162,10 +190,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument("--runs_dir", type=Path, default=REPO / "runs" / "warp_evidence")
     parser.add_argument("--results", type=Path, default=REPO / "results" / "warp_evidence")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="seeds trained at once (each run: cores / jobs threads)"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: all cores)")
     args = parser.parse_args(argv)
     setup_logging()
     if args.phase in ("train", "all"):
-        train(args.seeds, args.runs_dir, args.config)
+        if args.jobs > 1:
+            train_side_by_side(args.seeds, args.runs_dir, args.config, args.jobs)
+        else:
+            train(args.seeds, args.runs_dir, args.config, threads=args.threads)
     if args.phase in ("evaluate", "all"):
         evaluate(args.seeds, args.runs_dir, args.config)
     if args.phase in ("report", "all"):

@@ -19,6 +19,7 @@ from warpkit.frontier.intervals import (
     t_interval,
     t_quantile,
 )
+from warpkit.frontier.output import comparison_lines
 from warpkit.frontier.stats import per_prompt_means
 from warpkit.frontier.summary import summarise
 
@@ -134,6 +135,9 @@ def test_frontier_summary_carries_the_paired_gap_and_hypervolume_intervals():
     [diff] = hv["differences"]
     assert diff["difference"] == pytest.approx(hv["by_method"]["a"] - hv["by_method"]["b"])
     assert diff["interval"][0] <= diff["difference"] <= diff["interval"][1]
+    # the verdict line the printout, the driver's log and the plot show: this interval contains 0
+    [line] = comparison_lines(result)
+    assert line == "a - b at matched KL: +0.050 [-0.136, +0.236] (95%): not resolved, the interval contains 0"
     # no resamples: no intervals, the estimates unchanged
     plain = summarise(
         FrontierConfig(reference="r", bootstrap_resamples=0), rows, **{**RUN_FACTS, "num_prompts": 3}

@@ -72,6 +72,8 @@ class FrontierConfig:
         allow_pickle: accept ``pytorch_model.bin`` checkpoints (pickle: runs code on load). Off by default.
         output_dir: where frontier.json, frontier.csv, frontier.png (and rewards.png with extra rewards) go.
         title: plot title.
+        note: one line written under the plot's title and at the end of the printout (e.g. what a small
+            budget cannot resolve, and where a larger run is).
         plot_xscale: ``linear`` or ``symlog`` (linear below 1 nat, log above) for the plot's KL axis.
     """
 
@@ -102,6 +104,7 @@ class FrontierConfig:
     allow_pickle: bool = False
     output_dir: str = "frontier_out"
     title: str | None = None
+    note: str | None = None
     plot_xscale: Literal["linear", "symlog"] = "linear"
 
     def __post_init__(self) -> None:

@@ -142,14 +142,37 @@ def plot_result(result: FrontierResult, path: Path) -> None:
         hypervolume_reference=(hv["reference_point"]["kl"], hv["reference_point"]["reward"]),
         method_labels=s["method_labels"],
         title=s["title"] or "Reward-KL frontier",
-        subtitle=(
-            f"{s['num_prompts_used']} held-out prompts x {s['samples_per_prompt']} samples, temperature {s['temperature']:g}, "
-            f"<= {s['max_new_tokens']} new tokens; error bars: 1 s.e."
+        subtitle="\n".join(
+            [
+                f"{s['num_prompts_used']} held-out prompts x {s['samples_per_prompt']} samples, temperature "
+                f"{s['temperature']:g}, <= {s['max_new_tokens']} new tokens; error bars: 1 s.e.",
+                *comparison_lines(result)[:PLOTTED_COMPARISONS],
+                *([s["note"]] if s.get("note") else []),
+            ]
         ),
         xlabel=f"KL(policy || SFT) per completion, nats ({estimator}, T = {s['temperature']:g})",
         ylabel=f"reward: {reward} (mean ± s.e.)",
         xscale=s["plot_xscale"],
     )
+
+
+PLOTTED_COMPARISONS = 3  # matched-KL verdicts written under the plot's title (all of them are printed)
+
+
+def comparison_lines(result: FrontierResult) -> list[str]:
+    """One line per matched-KL comparison with an interval: the mean gap, its interval, and whether the
+    interval excludes 0 (a difference this evaluation resolves) or not."""
+    lines = []
+    for m in result.matched_kl:
+        if not m["kl"] or "mean_gap_interval" not in m:
+            continue
+        lo, hi = m["mean_gap_interval"]
+        resolved = lo > 0 or hi < 0
+        lines.append(
+            f"{m['method_a']} - {m['method_b']} at matched KL: {m['mean_gap']:+.3f} [{lo:+.3f}, {hi:+.3f}] "
+            f"({m['level']:.0%}): " + ("resolved" if resolved else "not resolved, the interval contains 0")
+        )
+    return lines
 
 
 def plot_result_rewards(result: FrontierResult, path: Path) -> None:
@@ -205,11 +228,14 @@ def print_frontier(result: FrontierResult) -> None:
         if m["kl"]:
             lo, hi = m.get("mean_gap_interval", (math.nan, math.nan))
             ci = f" [{lo:+.4f}, {hi:+.4f}] ({m['level']:.0%}, paired by prompt)" if math.isfinite(lo) else ""
+            verdict = "" if not ci else ": resolved" if lo > 0 or hi < 0 else ": not resolved (contains 0)"
             print(
                 f"reward at matched KL, {m['method_a']} - {m['method_b']}: mean gap {m['mean_gap']:+.4f}{ci} "
-                f"over KL [{m['kl'][0]:.3g}, {m['kl'][-1]:.3g}]"
+                f"over KL [{m['kl'][0]:.3g}, {m['kl'][-1]:.3g}]{verdict}"
             )
         else:
             print(
                 f"reward at matched KL, {m['method_a']} - {m['method_b']}: their fronts do not overlap in KL"
             )
+    if result.settings.get("note"):
+        print(result.settings["note"])

@@ -113,11 +113,15 @@ def evaluate_frontier(
 
     def evaluate() -> None:
         from warpkit.frontier import load_frontier_config, run_frontier, write_frontier
+        from warpkit.frontier.output import comparison_lines
 
         path = out / "frontier.yaml"
         path.write_text(yaml.safe_dump(document, sort_keys=False))
         log.info("frontier: evaluating %d policy groups (%s)", len(document["policies"]), path)
-        write_frontier(run_frontier(load_frontier_config(path)), out / "frontier")
+        result = run_frontier(load_frontier_config(path))
+        write_frontier(result, out / "frontier")
+        for line in [*comparison_lines(result), *filter(None, [result.settings.get("note")])]:
+            log.info("frontier: %s", line)
         log.info("frontier: %s", out / "frontier" / "frontier.png")
 
     return manifest.run(step, evaluate, clear_outputs=False)  # frontier/ may hold other files
