@@ -20,6 +20,7 @@ hold the prompt set fixed).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 
@@ -38,6 +39,7 @@ __all__ = [
 ]
 
 
+@functools.lru_cache(maxsize=256)  # every gap of a frontier asks for the same few quantiles
 def t_quantile(q: float, df: int) -> float:
     """The q quantile of Student's t with df degrees of freedom (t_{0.975, 2} = 4.3027), by bisection on
     the CDF from Simpson's rule on the density (no SciPy); the normal quantile's accuracy is not enough
