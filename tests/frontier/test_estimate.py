@@ -16,7 +16,13 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from warpkit.frontier.estimate import evaluate_policy, score_completions
+from warpkit.frontier import decode
+from warpkit.frontier.estimate import (
+    ReferencePrompts,
+    evaluate_policy,
+    evaluate_policy_slow,
+    score_completions,
+)
 from warpkit.frontier.stats import mean_stderr
 
 VOCAB, EOS, PAD, MAX_NEW = 7, 6, 0, 3
@@ -203,3 +209,105 @@ def test_forbidden_token_identity_per_sample(models):
         q5 = q[len(PROMPTS[i]) - 1 : len(PROMPTS[i]) - 1 + len(c), 5]
         expected = float(-torch.log1p(-q5).sum())
         assert kl == pytest.approx(expected, abs=1e-4) and kl_exact == pytest.approx(expected, abs=1e-4)
+
+
+# ----------------------------------------------------------------------------- fast path = slow path
+
+FAST_NEW = 5  # long enough that EOS (p ~ 1/7 per step) ends some rows early and not others
+
+
+def _both(policy, reference, *, k: int, batch_size: int, temperature: float = 0.9, **fast_kwargs):
+    settings = dict(
+        samples_per_prompt=k,
+        max_new_tokens=FAST_NEW,
+        temperature=temperature,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+        batch_size=batch_size,
+        seed=3,
+    )
+    fast = evaluate_policy(policy, reference, PROMPTS, **settings, **fast_kwargs)
+    slow = evaluate_policy_slow(policy, reference, PROMPTS, **settings)
+    return fast, slow
+
+
+def _assert_same(fast, slow):
+    assert fast.prompt_index == slow.prompt_index
+    assert fast.completions == slow.completions
+    assert fast.length == slow.length
+    # float32 rounding of KLs of ~20 nats per sequence (summed over 5 positions of a peaked tiny model)
+    assert fast.kl == pytest.approx(slow.kl, abs=1e-4)
+    assert fast.kl_exact == pytest.approx(slow.kl_exact, abs=1e-4)
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 7, 512])  # 4 and 7 split a prompt's samples across batches
+def test_fast_path_matches_slow_path(models, batch_size):
+    """Same samples (completions identical) and the same KLs as sampling then teacher-forcing both models,
+    with left-padded prompts of lengths 1, 3, 5, three samples each, some rows ended early by EOS."""
+    policy, reference = models
+    fast, slow = _both(policy, reference, k=3, batch_size=batch_size)
+    _assert_same(fast, slow)
+    lengths = set(fast.length)
+    assert max(lengths) == FAST_NEW and min(lengths) < FAST_NEW, "the test needs rows ended early by EOS"
+    assert all(c[-1] == EOS for c in fast.completions if len(c) < FAST_NEW)
+    assert max(abs(x) for x in fast.kl_exact) > 0.1, "the test needs non-zero KLs"
+
+
+def test_fast_path_masked_policy_and_twin(models):
+    """A policy with a forbidden token (-inf logits, no logits_to_keep) and one equal to the reference."""
+    _, reference = models
+    fast, slow = _both(_Masked(reference, 5), reference, k=2, batch_size=5, temperature=0.8)
+    _assert_same(fast, slow)
+    fast, slow = _both(copy.deepcopy(reference), reference, k=2, batch_size=5)
+    _assert_same(fast, slow)
+    assert max(abs(x) for x in fast.kl + fast.kl_exact) < 1e-5
+
+
+def test_reference_prompts_reused_across_policies(models):
+    """One ReferencePrompts serves every policy; the reference then only ever sees completion tokens."""
+    policy, reference = models
+    cache = ReferencePrompts(reference, PROMPTS, pad_token_id=PAD, batch_size=2)
+    masked = _Masked(copy.deepcopy(reference), 5)  # copied before the hook: it sees only the reference
+    widths, seen = [], []
+    hook = reference.register_forward_pre_hook(
+        lambda _m, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        for model in (policy, masked):
+            fast, slow = _both(model, reference, k=2, batch_size=4, reference_prompts=cache)
+            _assert_same(fast, slow)
+            widths.clear()
+            evaluate_policy(
+                model,
+                reference,
+                PROMPTS,
+                samples_per_prompt=2,
+                max_new_tokens=FAST_NEW,
+                temperature=0.9,
+                eos_token_id=EOS,
+                pad_token_id=PAD,
+                batch_size=4,
+                reference_prompts=cache,
+            )
+            seen += widths
+        # Never a prompt token: at most the first FAST_NEW - 1 completion tokens per call (none when every
+        # completion is a lone EOS, which the cached last prompt logits score).
+        assert seen and max(seen) <= FAST_NEW - 1, seen
+    finally:
+        hook.remove()
+
+
+def test_reference_prompts_of_other_prompts_are_refused(models):
+    policy, reference = models
+    cache = ReferencePrompts(reference, PROMPTS[:2], pad_token_id=PAD)
+    with pytest.raises(ValueError, match="another reference model or other prompts"):
+        _both(policy, reference, k=1, batch_size=4, reference_prompts=cache)
+
+
+def test_cache_that_cannot_be_copied_falls_back(models, monkeypatch):
+    """Without a row-copyable cache the policy prefills every row and the reference takes the slow path."""
+    policy, reference = models
+    monkeypatch.setattr(decode, "expandable", lambda cache: False)
+    assert not ReferencePrompts(reference, PROMPTS, pad_token_id=PAD).cached
+    fast, slow = _both(policy, reference, k=2, batch_size=4)
+    _assert_same(fast, slow)

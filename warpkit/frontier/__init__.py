@@ -5,6 +5,7 @@ merge math):
 
 - `pareto`: Pareto fronts, hypervolume, reward at matched KL (pure Python, no torch);
 - `stats`: mean and standard error over a fixed prompt set, distinct-n;
+- `decode`: KV-cache decoding with log-probs, the reference's prompt cache (`ReferencePrompts`), both KL sums;
 - `estimate`: sampling at temperature T and the two sequence-KL estimators of one policy;
 - `policies`: the policy entries (path, trajectory, LITI sweep, rewarded soup) and the points they expand to;
 - `config`: `FrontierConfig` and its YAML loader;
@@ -33,7 +34,9 @@ _LAZY: dict[str, str] = {
     "SoupSweep": "policies",
     "expand_trajectory": "policies",
     "PolicySamples": "estimate",
+    "ReferencePrompts": "decode",
     "evaluate_policy": "estimate",
+    "evaluate_policy_slow": "estimate",
     "sample_completions": "estimate",
     "score_completions": "estimate",
     "distinct_n": "stats",
@@ -62,9 +65,11 @@ __all__ = [
     "MatchedKL",
     "PolicySamples",
     "PolicySpec",
+    "ReferencePrompts",
     "SoupSweep",
     "distinct_n",
     "evaluate_policy",
+    "evaluate_policy_slow",
     "expand_trajectory",
     "frontier_scorer",
     "hypervolume",
@@ -85,9 +90,11 @@ __all__ = [
 
 if TYPE_CHECKING:
     from warpkit.frontier.config import FrontierConfig, load_frontier_config
+    from warpkit.frontier.decode import ReferencePrompts
     from warpkit.frontier.estimate import (
         PolicySamples,
         evaluate_policy,
+        evaluate_policy_slow,
         sample_completions,
         score_completions,
     )

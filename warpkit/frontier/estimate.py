@@ -15,7 +15,12 @@ anchor penalises). Prompt tokens never enter the sum. Two unbiased estimators, s
 Samples come from our own decoding loop (KV cache, Gumbel-max with a seeded generator) so no generation
 config of the checkpoint (top_k=50, repetition penalty...) can silently change the sampled distribution,
 and every policy sees the same random numbers (common random numbers: differences between policies are
-less noisy). Log-probs are then recomputed teacher-forced for the policy and the reference in one pass each.
+less noisy). `evaluate_policy` processes each token the least number of times (`warpkit.frontier.decode`):
+each distinct prompt of a batch is prefilled once for the policy, the policy's log-probs are those of its
+decoding steps, and the reference's prompt cache is computed once per prompt set, so per sample only the
+completion tokens go through the reference. `evaluate_policy_slow` is the plain reference implementation
+(`sample_completions`, then `score_completions`: prompt + completion teacher-forced through the policy and
+the reference); both give the same samples, and the same KLs up to float rounding (tests compare them).
 
 Means and standard errors over the fixed prompt set are `warpkit.frontier.stats.mean_stderr`.
 """
@@ -29,7 +34,23 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["PolicySamples", "evaluate_policy", "sample_completions", "score_completions"]
+from warpkit.frontier.decode import (
+    ReferencePrompts,
+    decode_loop,
+    decode_with_logprobs,
+    kl_sums,
+    left_pad,
+    trim_at_eos,
+)
+
+__all__ = [
+    "PolicySamples",
+    "ReferencePrompts",
+    "evaluate_policy",
+    "evaluate_policy_slow",
+    "sample_completions",
+    "score_completions",
+]
 
 
 @dataclass
@@ -51,21 +72,6 @@ class PolicySamples:
 # ----------------------------------------------------------------------------- sampling
 
 
-def _left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, device: torch.device):
-    """(input_ids [B, P], attention_mask [B, P], position_ids [B, P]) for left-padded prompts."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for r, p in enumerate(prompts):
-        if len(p) == 0:
-            raise ValueError(f"prompt {r} of the batch is empty; every prompt needs at least one token.")
-        ids[r, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
-        mask[r, width - len(p) :] = 1
-    # Positions count real tokens only, as generate() does, so left padding does not shift them.
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids.to(device), mask.to(device), pos.to(device)
-
-
 @torch.no_grad()
 def sample_completions(
     policy: torch.nn.Module,
@@ -84,40 +90,21 @@ def sample_completions(
     Returns token lists (the EOS token kept as the last token when sampled).
     """
     device = next(policy.parameters()).device
-    ids, mask, pos = _left_pad(prompts, pad_token_id, device)
+    ids, mask, pos = left_pad(prompts, pad_token_id, device)
     out = policy(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-    past, logits = out.past_key_values, out.logits[:, -1]
-    next_pos = pos[:, -1] + 1
-    batch = len(prompts)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    tokens = []
-    for step in range(max_new_tokens):
-        u = torch.rand(logits.shape, generator=generator, device=device, dtype=torch.float32)
-        gumbel = -torch.log(-torch.log(u))
-        tok = (logits.float() / temperature + gumbel).argmax(-1)
-        tok = torch.where(done, torch.full_like(tok, pad_token_id), tok)
-        tokens.append(tok)
-        if eos_token_id is not None:
-            done = done | (tok == eos_token_id)
-        if bool(done.all()) or step == max_new_tokens - 1:
-            break
-        mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=1)
-        out = policy(
-            input_ids=tok[:, None],
-            attention_mask=mask,
-            position_ids=next_pos[:, None],
-            past_key_values=past,
-            use_cache=True,
-        )
-        past, logits = out.past_key_values, out.logits[:, -1]
-        next_pos = next_pos + 1
-    sampled = torch.stack(tokens, dim=1).tolist()
-    completions = []
-    for row in sampled:
-        if eos_token_id is not None and eos_token_id in row:
-            row = row[: row.index(eos_token_id) + 1]
-        completions.append(row)
-    return completions
+    tokens, _ = decode_loop(
+        policy,
+        out.past_key_values,
+        out.logits[:, -1],
+        mask,
+        pos[:, -1] + 1,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        generator=generator,
+    )
+    return trim_at_eos(tokens.tolist(), eos_token_id)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -152,7 +139,7 @@ def score_completions(
     width = max(len(c) for c in completions)
     if width == 0:
         return [0.0] * len(prompts), [0.0] * len(prompts)
-    ids, mask, _ = _left_pad(prompts, pad_token_id, device)
+    ids, mask, _ = left_pad(prompts, pad_token_id, device)
     comp = torch.full((len(prompts), width), pad_token_id, dtype=torch.long, device=device)
     comp_mask = torch.zeros_like(comp)
     for r, c in enumerate(completions):
@@ -178,6 +165,9 @@ def score_completions(
 
 # ----------------------------------------------------------------------------- one policy
 
+# One batch of rows: (prompt index of each row, its generator) -> (completions, kl, kl_exact).
+BatchFn = Callable[[list[int], torch.Generator], tuple[list[list[int]], list[float], list[float]]]
+
 
 def evaluate_policy(
     policy: torch.nn.Module,
@@ -192,21 +182,84 @@ def evaluate_policy(
     batch_size: int = 16,
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
+    reference_prompts: ReferencePrompts | None = None,
 ) -> PolicySamples:
     """Sample ``samples_per_prompt`` completions per prompt (token ids) and score both KL estimators.
 
     Batch b uses a generator seeded with (seed, b), so two policies evaluated with the same arguments
     draw the same uniforms. ``progress(n)`` is called with the number of sequences done per batch.
+    The fast path (`warpkit.frontier.decode`): each distinct prompt of a batch prefilled once, the policy's
+    log-probabilities taken from its decoding steps, the reference's prompts from ``reference_prompts``
+    (built here when None; pass one built once to evaluate many policies on the same prompts). Same samples
+    and, up to float rounding, the same KLs as `evaluate_policy_slow`.
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}.")
-    rows = [(i, j) for i in range(len(prompts)) for j in range(samples_per_prompt)]
-    device = next(policy.parameters()).device
-    result = PolicySamples([], [], [], [], [])
-    for b, start in enumerate(range(0, len(rows), batch_size)):
-        chunk = rows[start : start + batch_size]
-        batch_prompts = [prompts[i] for i, _ in chunk]
-        generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b)
+    settings = dict(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
+    if reference is policy:  # KL = 0 exactly; no reference pass, no log-probabilities kept
+
+        def batch_fn(rows: list[int], generator: torch.Generator):
+            tokens, _ = decode_with_logprobs(
+                policy, prompts, rows, generator=generator, keep_logprobs=False, **settings
+            )
+            return trim_at_eos(tokens.tolist(), eos_token_id), [0.0] * len(rows), [0.0] * len(rows)
+
+        return _run_batches(policy, len(prompts), samples_per_prompt, batch_size, seed, batch_fn, progress)
+    if reference_prompts is None:
+        reference_prompts = ReferencePrompts(
+            reference, prompts, pad_token_id=pad_token_id, batch_size=batch_size
+        )
+    elif reference_prompts.model is not reference or reference_prompts.prompts != [list(p) for p in prompts]:
+        raise ValueError("reference_prompts was built for another reference model or other prompts.")
+    if not reference_prompts.cached:  # a cache that cannot be copied row-wise: the slow path
+        return evaluate_policy_slow(
+            policy,
+            reference,
+            prompts,
+            samples_per_prompt=samples_per_prompt,
+            batch_size=batch_size,
+            seed=seed,
+            progress=progress,
+            **settings,
+        )
+
+    def batch_fn(rows: list[int], generator: torch.Generator):
+        tokens, logp = decode_with_logprobs(policy, prompts, rows, generator=generator, **settings)
+        completions = trim_at_eos(tokens.tolist(), eos_token_id)
+        logq = reference_prompts.logprobs(rows, tokens, temperature)
+        assert logp is not None
+        return completions, *kl_sums(logp, logq, tokens, [len(c) for c in completions])
+
+    return _run_batches(policy, len(prompts), samples_per_prompt, batch_size, seed, batch_fn, progress)
+
+
+def evaluate_policy_slow(
+    policy: torch.nn.Module,
+    reference: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    samples_per_prompt: int,
+    max_new_tokens: int,
+    temperature: float,
+    eos_token_id: int | None,
+    pad_token_id: int,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> PolicySamples:
+    """`evaluate_policy` the simple way, its reference implementation: per batch, `sample_completions`
+    (every row's prompt prefilled), then `score_completions` (prompt + completion teacher-forced through the
+    policy and the reference). Same arguments, same generators, same samples."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+
+    def batch_fn(rows: list[int], generator: torch.Generator):
+        batch_prompts = [prompts[i] for i in rows]
         completions = sample_completions(
             policy,
             batch_prompts,
@@ -219,7 +272,29 @@ def evaluate_policy(
         kl, kl_exact = score_completions(
             policy, reference, batch_prompts, completions, temperature=temperature, pad_token_id=pad_token_id
         )
-        result.prompt_index += [i for i, _ in chunk]
+        return completions, kl, kl_exact
+
+    return _run_batches(policy, len(prompts), samples_per_prompt, batch_size, seed, batch_fn, progress)
+
+
+def _run_batches(
+    policy: torch.nn.Module,
+    num_prompts: int,
+    samples_per_prompt: int,
+    batch_size: int,
+    seed: int,
+    batch_fn: BatchFn,
+    progress: Callable[[int], None] | None,
+) -> PolicySamples:
+    """Rows (i, j), i-major, in batches of ``batch_size``; batch b's generator is seeded seed * 1_000_003 + b."""
+    rows = [(i, j) for i in range(num_prompts) for j in range(samples_per_prompt)]
+    device = next(policy.parameters()).device
+    result = PolicySamples([], [], [], [], [])
+    for b, start in enumerate(range(0, len(rows), batch_size)):
+        chunk = [i for i, _ in rows[start : start + batch_size]]
+        generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b)
+        completions, kl, kl_exact = batch_fn(chunk, generator)
+        result.prompt_index += chunk
         result.completions += completions
         result.kl += kl
         result.kl_exact += kl_exact

@@ -4,7 +4,8 @@ Order of work: every input is checked before the first model is loaded and the f
 (`inputs.prepare_inputs`: folders, complete safetensors weights, vocabulary and tokenizer against the
 reference, the tensor shapes of LITI sweeps and soups, prompt lengths against every context), so a bad
 config fails in seconds. Then each point's model is loaded or interpolated
-(`point_models`), sampled and scored (`estimate.evaluate_policy`), its rewards computed and checked
+(`point_models`), sampled and scored (`estimate.evaluate_policy`, with the reference's prompt cache
+`ReferencePrompts` computed once for all points), its rewards computed and checked
 (`rewards.score_rewards`), and the fronts, hypervolumes and matched-KL comparisons derived
 (`summary.summarise`). Extra rewards score the same samples as the main reward; with them each method also
 gets a front across two rewards (rewarded soups, Ramé et al. 2023: every soup evaluated on every reward).
@@ -19,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from warpkit.frontier.config import FrontierConfig
-from warpkit.frontier.estimate import evaluate_policy
+from warpkit.frontier.estimate import ReferencePrompts, evaluate_policy
 from warpkit.frontier.inputs import FrontierInputs, load_model, prepare_inputs
 from warpkit.frontier.policies import Point, PolicySpec, reference_point
 from warpkit.frontier.rewards import RewardFn, load_rewards, score_rewards
@@ -42,6 +43,14 @@ def run_frontier(config: FrontierConfig, *, progress: bool = True) -> FrontierRe
 
     num_points = int(config.include_reference) + sum(len(s.points()) for s in config.policies)
     total = num_points * len(inputs.encoded) * config.samples_per_prompt
+    # The reference's prompt cache, computed once for every policy (the reference point needs none).
+    reference_prompts = (
+        ReferencePrompts(
+            reference, inputs.encoded, pad_token_id=inputs.pad_token_id, batch_size=config.batch_size
+        )
+        if num_points > int(config.include_reference)
+        else None
+    )
     rows, samples = [], []
     with tqdm(total=total, desc="frontier", unit="seq", disable=not progress) as bar:
         for point, model in point_models(config, reference, inputs.device):
@@ -54,6 +63,7 @@ def run_frontier(config: FrontierConfig, *, progress: bool = True) -> FrontierRe
                 inputs=inputs,
                 reward_fns=reward_fns,
                 progress=bar.update,
+                reference_prompts=reference_prompts,
             )
             rows.append(row)
             samples += kept
@@ -78,8 +88,11 @@ def evaluate_point(
     inputs: FrontierInputs,
     reward_fns: dict[str | None, RewardFn],
     progress: Callable[[int], None] | None = None,
+    reference_prompts: ReferencePrompts | None = None,
 ) -> tuple[Row, list[dict[str, Any]]]:
-    """Sample and score one point on every reward: (its row, its first `SAMPLES_KEPT` samples)."""
+    """Sample and score one point on every reward: (its row, its first `SAMPLES_KEPT` samples).
+
+    ``reference_prompts``: the reference's prompt cache shared by every point (built here when None)."""
     s = evaluate_policy(
         model,
         reference,
@@ -92,6 +105,7 @@ def evaluate_point(
         batch_size=config.batch_size,
         seed=config.seed,
         progress=progress,
+        reference_prompts=reference_prompts,
     )
     texts = inputs.tokenizer.batch_decode(s.completions, skip_special_tokens=True)
     row_prompts = [inputs.prompts[i] for i in s.prompt_index]
