@@ -73,28 +73,30 @@ def train(
         run_warp(config, validate=None if train_fn else validate_rl_section, train_fn=train_fn)
 
 
-def train_side_by_side(seeds: list[int], runs_dir: Path, config_path: Path, jobs: int) -> None:
-    """Phase 1 with `jobs` seeds at once, each a process of this script whose runs get cores / jobs threads.
-    On a small CPU this beats one multithreaded run at a time: a run's many small parallel regions
-    stall whenever any other process holds one of its cores."""
+def side_by_side(phase: str, seeds: list[int], runs_dir: Path, config_path: Path, jobs: int) -> None:
+    """`phase` (train or evaluate) of `jobs` seeds at once, each a process of this script on cores / jobs
+    threads (OMP_NUM_THREADS, and `--threads` for the runs). On a small CPU this beats one multithreaded
+    process at a time: a process's many small parallel regions stall whenever any other process holds one
+    of its cores (here an 11 s RL step became 70 s next to a test run)."""
     import os
     import shlex
     import subprocess
     import time
 
     threads = max(len(os.sched_getaffinity(0)) // jobs, 1)
-    pending = list(seeds)
-    running: list[subprocess.Popen] = []
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    pending, running = list(seeds), []
     while pending or running:
         while pending and len(running) < jobs:
-            seed = pending.pop(0)
-            cmd = [sys.executable, "-m", "experiments.warp_evidence", "--phase", "train", "--seeds", str(seed),
+            cmd = [sys.executable, "-m", "experiments.warp_evidence", "--phase", phase, "--seeds", str(pending.pop(0)),
                    "--config", str(config_path), "--runs_dir", str(runs_dir), "--threads", str(threads)]  # fmt: skip
-            running.append(subprocess.Popen(cmd, cwd=REPO))
+            running.append(subprocess.Popen(cmd, cwd=REPO, env=env))
         time.sleep(2)
         for proc in [p for p in running if p.poll() is not None]:
             if proc.returncode != 0:
-                raise SystemExit(f"training a seed failed (exit {proc.returncode}): {shlex.join(proc.args)}")
+                raise SystemExit(
+                    f"{phase} of a seed failed (exit {proc.returncode}): {shlex.join(proc.args)}"
+                )
             running.remove(proc)
 
 
@@ -198,11 +200,14 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     if args.phase in ("train", "all"):
         if args.jobs > 1:
-            train_side_by_side(args.seeds, args.runs_dir, args.config, args.jobs)
+            side_by_side("train", args.seeds, args.runs_dir, args.config, args.jobs)
         else:
             train(args.seeds, args.runs_dir, args.config, threads=args.threads)
     if args.phase in ("evaluate", "all"):
-        evaluate(args.seeds, args.runs_dir, args.config)
+        if args.jobs > 1:
+            side_by_side("evaluate", args.seeds, args.runs_dir, args.config, args.jobs)
+        else:
+            evaluate(args.seeds, args.runs_dir, args.config)
     if args.phase in ("report", "all"):
         from experiments.warp_evidence_report import write_report
 
