@@ -210,9 +210,9 @@ class ReferencePrompts:
         for start in range(0, len(self.prompts), batch_size):
             last.append(self._prefill(self.prompts[start : start + batch_size]))
             if not self.cached:
-                self.kv = []
-                return
-        self.last_logits = torch.cat(last)  # [N, V] float32
+                self.kv, last = [], []
+                break
+        self.last_logits = torch.cat(last) if last else None  # [N, V] float32
 
     @torch.no_grad()
     def _prefill(self, chunk: list[list[int]]) -> torch.Tensor:
@@ -262,6 +262,8 @@ class ReferencePrompts:
         """log-softmax(reference logits / T) [B, L, V] float32 predicting ``tokens`` [B, L], row r continuing
         prompt ``rows[r]``: position 0 from the cached last prompt logits, positions 1..L-1 from one
         teacher-forced pass over tokens[:, :-1] on the cached prompt keys and values."""
+        if self.last_logits is None:
+            raise ValueError("this reference's cache cannot be copied row-wise (cached is False).")
         index = torch.tensor(list(rows), device=self.device)
         first = self.last_logits[index][:, None]  # [B, 1, V]
         if tokens.shape[1] == 1:
