@@ -196,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
         "--jobs", type=int, default=1, help="seeds trained at once (each run: cores / jobs threads)"
     )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: all cores)")
+    parser.add_argument(
+        "--schedule",
+        default=None,
+        help="report: how the seeds were run, when not by this command (RESULTS.md)",
+    )
     args = parser.parse_args(argv)
     setup_logging()
     if args.phase in ("train", "all"):
@@ -211,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.phase in ("report", "all"):
         from experiments.warp_evidence_report import write_report
 
-        write_report(args.seeds, args.runs_dir, args.results, args.config)
+        write_report(args.seeds, args.runs_dir, args.results, args.config, args.schedule)
     return 0
 
 

@@ -189,6 +189,7 @@ def render(summary: dict[str, Any]) -> str:
         "",
         f"Machine: {f['machine']}. Versions: {f['versions']}.",
         f"Wall time: {f['wall_time']}.",
+        *([f"Scheduled: {f['schedule']}."] if f.get("schedule") else []),
         "",
         f"Seeds (data order): {', '.join(map(str, seeds))}. Files: `summary.json` (everything below),",
         "`seed_<s>/frontier.json` (every point with its per-prompt means, fronts, hypervolumes with bootstrap",
@@ -285,7 +286,9 @@ NOTES = [
 ]
 
 
-def _facts(config: Any, docs: dict[int, dict[str, Any]], runs_dir: Path) -> dict[str, Any]:
+def _facts(
+    config: Any, docs: dict[int, dict[str, Any]], runs_dir: Path, schedule: str | None = None
+) -> dict[str, Any]:
     import os
     import platform
 
@@ -314,6 +317,7 @@ def _facts(config: Any, docs: dict[int, dict[str, Any]], runs_dir: Path) -> dict
         "versions": f"python {platform.python_version()}, torch {torch.__version__}, transformers "
         f"{transformers.__version__}, trl {trl.__version__}, warpkit {__version__}",
         "wall_time": _wall_times(runs_dir, sorted(docs)),
+        "schedule": schedule,
         "level": fr["confidence_level"],
         "last_step": config.iterations * rl["max_steps"],
         "notes": NOTES,
@@ -325,7 +329,7 @@ def _wall_times(runs_dir: Path, seeds: list[int]) -> str:
     written to its record), from the files the driver leaves."""
     from datetime import datetime
 
-    parts = []
+    parts, first, last = [], float("inf"), 0.0
     for s in seeds:
         out = runs_dir / f"seed_{s}"
         steps = json.loads((out / "warp_manifest.json").read_text())["steps"]
@@ -337,13 +341,24 @@ def _wall_times(runs_dir: Path, seeds: list[int]) -> str:
         start = (out / "iter_1" / "run_1" / ".warpkit_fingerprint").stat().st_mtime
         frontier = datetime.fromisoformat(steps["frontier"]["finished"]).timestamp()
         evaluated = frontier - (out / "frontier.yaml").stat().st_mtime
+        first, last = min(first, start), max(last, frontier)
         parts.append(
             f"seed {s}: training {(max(done) - start) / 60:.0f} min, frontier {evaluated / 60:.0f} min"
         )
-    return "; ".join(parts)
+    return (
+        f"{(last - first) / 60:.0f} min in all, first run started to last frontier written ("
+        + "; ".join(parts)
+        + ")"
+    )
 
 
-def write_report(seeds: list[int], runs_dir: Path, results: Path, config_path: Path | None = None) -> Path:
+def write_report(
+    seeds: list[int],
+    runs_dir: Path,
+    results: Path,
+    config_path: Path | None = None,
+    schedule: str | None = None,
+) -> Path:
     """Copy each seed's frontier and geometry into `results`, then summary.json, RESULTS.md, frontier.png."""
     from experiments.warp_evidence import CONFIG, seed_config
     from warpkit._util.files import write_atomic
@@ -358,7 +373,9 @@ def write_report(seeds: list[int], runs_dir: Path, results: Path, config_path: P
         docs[s] = json.loads((dst / "frontier.json").read_text())
         geometries[s] = json.loads((dst / "geometry.json").read_text())
     summary = summarise_seeds(
-        docs, geometries, _facts(seed_config(seeds[0], runs_dir, config_path or CONFIG), docs, runs_dir)
+        docs,
+        geometries,
+        _facts(seed_config(seeds[0], runs_dir, config_path or CONFIG), docs, runs_dir, schedule),
     )
     write_atomic(results / "summary.json", json.dumps(summary, indent=1))
     write_atomic(results / "RESULTS.md", render(summary))
