@@ -6,6 +6,8 @@ Peers, on the embedded default model (SmolLM2-135M-Instruct), same ema_rate:
 - the memory-bandwidth floor: one `torch.lerp_` over flat buffers of the same size and dtype
   (read policy, read anchor, write anchor);
 - one GRPO step on the same model, for the per-step overhead (full step wall time, generation included).
+On CPU, each kind runs twice when the fused kernels (`warpkit.anchor.fused`) are available: as shipped
+(fused) and as `<kind> eager` (`WARPKIT_FUSED_ANCHOR=0`, the bitwise-equal torch path), interleaved.
 Also prints how far LoRA `lora_mode="factors"` (EMA of A and B) lands from the exact EMA of s B A.
 
 Targets (issue 15, item 4): fp32 on CPU: ours <= TRL and <= 1.3x floor; bf16: ours (exact, fp32 state) <= TRL's
@@ -17,6 +19,7 @@ in-place bf16; GPU: ours <= 0.5x TRL; step overhead < 1%. Every kind prints both
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -28,7 +31,7 @@ from types import SimpleNamespace
 import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from warpkit.anchor import EMAAnchorCallback
+from warpkit.anchor import EMAAnchorCallback, fused
 from warpkit.workloads.default import prepare_default_model
 
 EMA_RATE = 0.01
@@ -73,11 +76,27 @@ def _anchor_kinds(model_dir: Path, dtype: torch.dtype, device: str, policy) -> d
     for callback in (ema, bema, elastic):
         callback.reset_to_policy()
     bema_alpha = bema.schedule.bema_alpha(10)
-    return {
+    kinds = {
         "ema": ema.update,
         "bema": lambda: bema.bema.update(EMA_RATE, bema_alpha),
         "elastic_reset": lambda: elastic.elastic.update(EMA_RATE),
     }
+    if device == "cpu" and fused.kernels() is not None:  # the eager path beside the fused one, same run
+        kinds.update({f"{k} eager": _eager(fn) for k, fn in list(kinds.items())})
+    return kinds
+
+
+def _eager(fn: Callable[[], None]) -> Callable[[], None]:
+    """`fn` with the fused CPU kernels switched off (`WARPKIT_FUSED_ANCHOR=0`): the bitwise-equal torch path."""
+
+    def run() -> None:
+        os.environ[fused.ENV] = "0"
+        try:
+            fn()
+        finally:
+            del os.environ[fused.ENV]
+
+    return run
 
 
 def time_updates(
@@ -132,7 +151,7 @@ def report(t: dict[str, dict[str, float]], dtype: torch.dtype, repeats: int) -> 
     )
     for kind, k in t.items():
         print(
-            f"[{name}] {kind:13s} {k['min'] * 1e3:6.1f} ms (median {k['median'] * 1e3:6.1f}) | ratio to TRL "
+            f"[{name}] {kind:19s} {k['min'] * 1e3:6.1f} ms (median {k['median'] * 1e3:6.1f}) | ratio to TRL "
             f"{k['min'] / trl['min']:.2f} (medians {k['median'] / trl['median']:.2f}), to floor "
             f"{k['min'] / floor['min']:.2f} (medians {k['median'] / floor['median']:.2f})"
         )

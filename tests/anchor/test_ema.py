@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import warpkit.anchor.ema as ema_module
+from warpkit.anchor import fused
 from warpkit.anchor.ema import (
     ema_update_,
     lora_delta_,
@@ -41,9 +42,12 @@ def _tensors():
 @pytest.mark.parametrize(
     "index", range(len(SHAPES)), ids=[f"{i}-{'x'.join(map(str, s))}" for i, s in enumerate(SHAPES)]
 )
-@pytest.mark.parametrize("path", ["cpu-chunked", "accelerator-bucketed"])
+@pytest.mark.parametrize("path", ["cpu-fused", "cpu-chunked", "accelerator-bucketed"])
 def test_ema_update_matches_float64(path, index, monkeypatch):
-    """Fused update vs the formula in float64, per tensor; out must be the state rounded once."""
+    """Each path vs the formula in float64, per tensor; out must be the state rounded once. cpu-fused is the
+    C++ kernel where it builds (else the chunked path again), cpu-chunked the eager fallback."""
+    if path == "cpu-chunked":
+        monkeypatch.setenv(fused.ENV, "0")
     if path == "accelerator-bucketed":  # the accelerator code path, exercised on CPU with small buckets
         monkeypatch.setattr(ema_module, "_mixed_chunked_", ema_module._mixed_bucketed_)
         monkeypatch.setattr(ema_module, "_BUCKET_NUMEL", 5000)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from warpkit.anchor import fused
 from warpkit.anchor.callback import (
     AnchorCallback,
     check_full_reference,
@@ -58,8 +59,10 @@ def bema_update_(
     """In place, per i: ema_i <- (1 - beta) ema_i + beta policy_i, then out_i <- ema_i + alpha (policy_i - theta0_i).
 
     `ema` is fp32 and contiguous; `theta0`, `policy` and `out` any float dtype (the arithmetic is fp32, `out`
-    is written once, rounded to its dtype). All four have the same shape pairwise (any shape). The policy is
-    read into an fp32 scratch chunk by chunk, so nothing model-sized is allocated.
+    is written once, rounded to its dtype). All four have the same shape pairwise (any shape). On CPU one fused
+    pass (`warpkit.anchor.fused`: 20 bytes per parameter in fp32, 14 in bf16, BEMA's minimum: read policy,
+    theta0, ema, write ema, out); elsewhere, or when the kernel is unavailable, the bitwise-equal eager path:
+    the policy is read into an fp32 scratch chunk by chunk, so nothing model-sized is allocated.
     """
     if not len(ema) == len(theta0) == len(policy) == len(out):
         raise ValueError(
@@ -67,6 +70,11 @@ def bema_update_(
         )
     if not ema:
         return
+    if ema[0].device.type == "cpu":  # one fused pass (`warpkit.anchor.fused`), bitwise the chunked path below
+        left = fused.bema_(ema, theta0, policy, out, beta, alpha)
+        ema, theta0, policy, out = ([t[i] for i in left] for t in (ema, theta0, policy, out))
+        if not ema:
+            return
     size = _CPU_CHUNK if ema[0].device.type == "cpu" else _ACCELERATOR_CHUNK
     scratch = torch.empty(size, dtype=torch.float32, device=ema[0].device)
     for e, t0, p, o in zip(ema, theta0, policy, out, strict=True):

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from warpkit.anchor import fused
+
 __all__ = [
     "LoraFactors",
     "copy_distinct_",
@@ -56,10 +58,12 @@ def ema_update_(
 
     - Same-dtype pairs: one `torch._foreach_lerp_`, which reads anchor and policy once and writes anchor once,
       the memory-bandwidth floor (TRL's `mul_` + `add_` passes over the anchor twice).
-    - Mixed pairs (fp32 shadow, bf16 policy): lerp wants equal dtypes and mixed-dtype foreach ops take a slow,
-      unvectorised path, so the policy is converted into a small fp32 scratch, chunk by chunk, and each chunk is
-      averaged and written back while it is still in cache (CPU); on accelerators, where launches cost more
-      than passes, whole buckets of tensors go through three foreach calls instead.
+    - Mixed pairs (fp32 shadow, bf16 policy) on CPU: one fused pass (`warpkit.anchor.fused`: read policy and
+      shadow, write shadow and out), bitwise equal to the eager fallback used when the kernel is unavailable
+      or disabled: lerp wants equal dtypes and mixed-dtype foreach ops take a slow, unvectorised path, so the
+      policy is converted into a small fp32 scratch, chunk by chunk, and each chunk is averaged and written
+      back while it is still in cache. On accelerators, where launches cost more than passes, whole buckets
+      of tensors go through three foreach calls instead.
     """
     if len(anchor) != len(policy) or (out is not None and len(out) != len(anchor)):
         raise ValueError(f"Got {len(anchor)} anchor, {len(policy)} policy and {len(out or [])} out tensors.")
@@ -72,9 +76,10 @@ def ema_update_(
     if not mixed:
         return
     if anchor[mixed[0]].device.type == "cpu":
-        _mixed_chunked_(
-            [anchor[i] for i in mixed], [policy[i] for i in mixed], [out[i] for i in mixed], ema_rate
-        )
+        a, p, o = ([t[i] for i in mixed] for t in (anchor, policy, out))
+        left = fused.ema_(a, p, o, ema_rate)  # one pass, bitwise the chunked path; [] unless unavailable
+        if left:
+            _mixed_chunked_([a[i] for i in left], [p[i] for i in left], [o[i] for i in left], ema_rate)
     else:
         _mixed_bucketed_(
             [anchor[i] for i in mixed], [policy[i] for i in mixed], [out[i] for i in mixed], ema_rate
