@@ -138,6 +138,10 @@ def test_a_failed_run_stops_its_iteration_with_the_cause(sft, tmp_path):
             {"rl": {"use_cpu": True}, "frontier_policies": [{"name": "m1", "method": "warp_m1", "path": "no/such"}]},
             r"frontier_policies: policy 'm1' 'no/such' is not a folder",
         ),
+        (
+            {"rl": {"use_cpu": True}, "frontier": {"compare": [["warp_iter1", "nope"]]}},
+            r"compare entry \['warp_iter1', 'nope'\] must be two of the methods \['sft', 'warp_iter1'",
+        ),
     ],
 )  # fmt: skip
 def test_what_a_config_names_is_checked_before_the_first_run(sft, tmp_path, change, message):
@@ -145,6 +149,17 @@ def test_what_a_config_names_is_checked_before_the_first_run(sft, tmp_path, chan
     with pytest.raises((ConfigError, FileNotFoundError), match=message):
         run_warp(config, train_fn=_never, validate=validate_rl_section)
     assert not (tmp_path / "out").exists()
+
+
+def test_compare_may_name_the_drivers_own_methods(sft, tmp_path):
+    """`frontier.compare` names WARP's iterations and the baselines, which exist only once trained: the
+    preflight checks it against the methods the driver will add (the demo's config compares those)."""
+    baselines = [{"name": "sft_b", "rl": {"anchor": "sft"}}, {"name": "ema_b"}]
+    compare = [["warp_iter1", "sft_anchor"], ["warp_iter1", "ema_anchor"], ["warp_iter1", "sft"]]
+    config = tiny_config(
+        tmp_path / "out", sft, rl={"use_cpu": True}, baselines=baselines, frontier={"compare": compare}
+    )
+    validate_rl_section(config)  # raises on a method it does not know
 
 
 def test_a_pickled_init_is_refused_before_the_first_run(sft, tmp_path):

@@ -17,7 +17,7 @@ from typing import Any
 
 from warpkit._util.config import ConfigError, build_dataclass, load_yaml_mapping
 from warpkit.loop.config import WarpConfig
-from warpkit.loop.evaluate import baseline_specs
+from warpkit.loop.evaluate import baseline_specs, frontier_document
 from warpkit.loop.manifest import MANIFEST_NAME
 from warpkit.merge.checkpoint import check_weights
 from warpkit.workloads import load_prompt_dataset, reward_spec
@@ -91,17 +91,23 @@ def _check_specs(rl_args: Any) -> None:
 
 
 def _check_frontier(config: WarpConfig) -> None:
-    """The user's frontier fields and extra policies, built as the frontier will build them."""
+    """The user's frontier fields and extra policies, built as the frontier will build them: beside the
+    driver's own policies (WARP's iterations, the baselines), whose methods `compare` may name. Their
+    folders do not exist yet; only the user's extra policies must."""
     from warpkit.frontier import FrontierConfig
 
-    fields = {**(config.frontier or {}), "reference": "sft", "policies": list(config.frontier_policies)}
-    frontier = build_dataclass(FrontierConfig, fields, "frontier")
+    fields = frontier_document(config, Path("sft"), Path(config.output_dir or "."))
+    try:
+        frontier = build_dataclass(FrontierConfig, {**fields, "reference": "sft"}, "frontier")
+    except ValueError as e:  # FrontierConfig's own checks (compare, policies, levels)
+        raise ConfigError(e if isinstance(e, ConfigError) else f"frontier: {e}") from None
+    extra = {p.get("name") for p in config.frontier_policies if isinstance(p, dict)}
     for spec in [frontier.reward, *frontier.extra_rewards.values()]:
         try:
             reward_spec(spec)
         except (ValueError, TypeError, FileNotFoundError) as e:
             raise ConfigError(f"frontier: {e}") from None
-    for policy in frontier.policies:
+    for policy in [p for p in frontier.policies if p.name in extra]:
         try:
             folders = policy.folders()
         except ValueError as e:  # a trajectory glob that matches nothing
