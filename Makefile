@@ -23,8 +23,8 @@ $(VENV)/.installed: $(BIN)/activate pyproject.toml Makefile
 	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q --no-build-isolation "deepspeed>=0.17"
 	touch $@
 
-# WARP (I=2, M=2) on the embedded default, two baselines, then the reward-KL frontier (about 20 min on 2 CPU
-# cores). Re-running resumes or, once finished, does nothing. Results: $(DEMO_OUT)/frontier/frontier.png.
+# WARP (I=2, M=2) on the embedded default, two baselines, then the reward-KL frontier (11 min measured on an
+# idle 2-core CPU, 2026-12-03). Re-running resumes or, once finished, does nothing. Results: $(DEMO_OUT)/frontier/frontier.png.
 DEMO_OUT ?= outputs/warp_default
 demo: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(BIN)/warpkit default-model --sample 2
