@@ -99,8 +99,10 @@ def _check_frontier(config: WarpConfig) -> None:
     fields = frontier_document(config, Path("sft"), Path(config.output_dir or "."))
     try:
         frontier = build_dataclass(FrontierConfig, {**fields, "reference": "sft"}, "frontier")
+    except ConfigError:  # already one line naming the field
+        raise
     except ValueError as e:  # FrontierConfig's own checks (compare, policies, levels)
-        raise ConfigError(e if isinstance(e, ConfigError) else f"frontier: {e}") from None
+        raise ConfigError(f"frontier: {e}") from None
     extra = {p.get("name") for p in config.frontier_policies if isinstance(p, dict)}
     for spec in [frontier.reward, *frontier.extra_rewards.values()]:
         try:
