@@ -7,6 +7,7 @@ before any submission. One test runs with a `sacct` that answers as on a cluster
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -44,15 +45,39 @@ def cluster_answers():
         pytest.skip(f"sbatch is here but the cluster does not answer: {done.stderr.strip()}")
 
 
+@pytest.fixture(autouse=True)
+def no_job_outlives_its_test(tmp_path):
+    """A test that fails mid-way leaves its jobs queued: cancel them, or a later session, whose tmp paths
+    (so job names) repeat, would find them by name and re-attach to them."""
+    yield
+    prefix = _prefix(tmp_path / "warp")
+    listed = subprocess.run(["squeue", "-h", "-o", "%i %j"], capture_output=True, text=True, timeout=60)
+    left = [line.split()[0] for line in listed.stdout.splitlines() if line.split()[1].startswith(prefix)]
+    if left:
+        subprocess.run(["scancel", *left], timeout=60, check=False)
+
+
+def _prefix(out: Path) -> str:
+    """The job-name prefix of a WARP run writing to `out` (SlurmLauncher.job_name; the first test checks it)."""
+    return f"warpkit-{hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:8]}-"
+
+
 def _jobs(out: Path) -> dict[str, list[str]]:
     """run key -> the ids of its jobs, as the manifest recorded them."""
     manifest = json.loads((out / "warp_manifest.json").read_text())
     return {key: [j["id"] for j in jobs] for key, jobs in manifest.get("jobs", {}).items()}
 
 
-def _scheduler_count(names: list[str]) -> dict[str, int]:
-    """How many jobs the scheduler knows by each name (sacct when accounting works, else scontrol)."""
-    done = subprocess.run(["sacct", "-n", "-P", "-X", "-S", "now-2hours", "--name", ",".join(names), "-o",
+def _now() -> str:
+    """The wall clock as sacct's -S reads it (local time, whole seconds)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def _scheduler_count(names: list[str], since: str) -> dict[str, int]:
+    """How many jobs sacct knows by each name, among those alive at or after `since`: the accounting
+    database outlives a test session, and a second session on the same machine reuses the same tmp paths
+    (so the same job names); jobs of an earlier session ended before `since`."""
+    done = subprocess.run(["sacct", "-n", "-P", "-X", "-S", since, "--name", ",".join(names), "-o",
                            "JobName"], capture_output=True, text=True, timeout=60)  # fmt: skip
     assert done.returncode == 0, done.stderr
     listed = done.stdout.split()
@@ -69,7 +94,7 @@ def test_the_tiny_config_through_slurm_is_bitwise_the_local_run(warp_tiny_run, t
     sacct, the final init bitwise the local launcher's."""
     reference, finished, env = warp_tiny_run
     assert finished.returncode == 0, finished.stderr[-3000:]
-    out = tmp_path / "warp"
+    out, since = tmp_path / "warp", _now()
     done = warpkit_cli("train", "configs/warp_tiny.yaml", "--output_dir", str(out), *SLURM, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     for name in ("iter_1/next_init", "iter_2/next_init"):
@@ -80,7 +105,8 @@ def test_the_tiny_config_through_slurm_is_bitwise_the_local_run(warp_tiny_run, t
     assert sorted(jobs) == sorted(runs) and all(len(ids) == 1 for ids in jobs.values())
     manifest = json.loads((out / "warp_manifest.json").read_text())
     names = [manifest["jobs"][k][0]["name"] for k in sorted(jobs)]
-    assert _scheduler_count(names) == {n: 1 for n in names}  # sacct: one job per run
+    assert all(n.startswith(_prefix(out)) for n in names), names
+    assert _scheduler_count(names, since) == {n: 1 for n in names}  # sacct: one job per run
     assert all(manifest["steps"][k]["slurm_jobs"] == jobs[k] for k in jobs)
     assert (out / "frontier" / "frontier.json").is_file()
 
@@ -110,7 +136,7 @@ def _no_accounting(tmp_path: Path, env: dict[str, str]) -> dict[str, str]:
 def test_driver_killed_reattaches_and_a_cancelled_job_resumes_without_accounting(warp_tiny_run, tmp_path):
     reference, _, env = warp_tiny_run
     env = _no_accounting(tmp_path, {**env, "WARPKIT_TEST_REWARD_SLEEP": "1.5"})
-    out = tmp_path / "warp"
+    out, since = tmp_path / "warp", _now()
     cmd = [sys.executable, "-m", "warpkit.cli", "train", "configs/warp_tiny.yaml", "--output_dir", str(out),
            *ONE_ITERATION, *SLOW_REWARD]  # fmt: skip
     log = open(tmp_path / "driver.log", "ab")  # noqa: SIM115 - closed at the end
@@ -134,7 +160,7 @@ def test_driver_killed_reattaches_and_a_cancelled_job_resumes_without_accounting
     assert jobs["iter_1/run_2"] == first["iter_1/run_2"]  # re-attached: never submitted twice
     assert len(jobs["iter_1/run_1"]) == 2 and jobs["iter_1/run_1"][0] == first["iter_1/run_1"][0]
     names = {k: v[0]["name"] for k, v in json.loads((out / "warp_manifest.json").read_text())["jobs"].items()}
-    counts = _scheduler_count(list(names.values()))  # the real sacct, from here: what the scheduler ran
+    counts = _scheduler_count(list(names.values()), since)  # the real sacct: what the scheduler ran
     assert counts == {names["iter_1/run_1"]: 2, names["iter_1/run_2"]: 1}
     info = json.loads((run_1 / "run_info.json").read_text())
     assert info["resumed_from"] is not None and "checkpoint-" in info["resumed_from"]
