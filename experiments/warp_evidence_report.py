@@ -188,8 +188,8 @@ def render(summary: dict[str, Any]) -> str:
         f"    {f['command']}",
         "",
         f"Machine: {f['machine']}. Versions: {f['versions']}.",
-        f"Wall time: {f['wall_time']}.",
-        *([f"Scheduled: {f['schedule']}."] if f.get("schedule") else []),
+        "Wall time, per session of runs:",
+        *(_render_session(s) for s in f["sessions"]),
         "",
         f"Seeds (data order): {', '.join(map(str, seeds))}. Files: `summary.json` (everything below),",
         "`seed_<s>/frontier.json` (every point with its per-prompt means, fronts, hypervolumes with bootstrap",
@@ -286,9 +286,7 @@ NOTES = [
 ]
 
 
-def _facts(
-    config: Any, docs: dict[int, dict[str, Any]], runs_dir: Path, schedule: str | None = None
-) -> dict[str, Any]:
+def _facts(config: Any, docs: dict[int, dict[str, Any]], sessions: list[dict[str, Any]]) -> dict[str, Any]:
     import os
     import platform
 
@@ -296,6 +294,7 @@ def _facts(
     import transformers
     import trl
 
+    from experiments.warp_evidence import SEEDS
     from warpkit import __version__
 
     rl, fr = config.rl, next(iter(docs.values()))["settings"]
@@ -311,25 +310,26 @@ def _facts(
             f"{rl['max_completion_length']} tokens per step; frontier on {fr['num_prompts_used']} held-out prompts "
             f"x {fr['samples_per_prompt']} samples at temperature {fr['temperature']}."
         ),
-        "command": "HF_HUB_OFFLINE=1 python -m experiments.warp_evidence",
+        "command": "HF_HUB_OFFLINE=1 python -m experiments.warp_evidence"
+        + ("" if tuple(sorted(docs)) == SEEDS else " --seeds " + " ".join(map(str, sorted(docs)))),
         "machine": f"{len(os.sched_getaffinity(0))} cores ({cpu}), CPU only, "
         f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
         "versions": f"python {platform.python_version()}, torch {torch.__version__}, transformers "
         f"{transformers.__version__}, trl {trl.__version__}, warpkit {__version__}",
-        "wall_time": _wall_times(runs_dir, sorted(docs)),
-        "schedule": schedule,
+        "sessions": sessions,
         "level": fr["confidence_level"],
         "last_step": config.iterations * rl["max_steps"],
         "notes": NOTES,
     }
 
 
-def _wall_times(runs_dir: Path, seeds: list[int]) -> str:
-    """Per seed, training (first run's start marker to the last run's record) and frontier (its config
-    written to its record), from the files the driver leaves."""
+def _session(runs_dir: Path, seeds: list[int], schedule: str | None) -> dict[str, Any]:
+    """The seeds trained and evaluated together under `runs_dir`: per seed, training (first run's start
+    marker to the last run's record) and frontier (its config written to its record) in minutes, and the
+    whole session (first run started to last frontier written), from the files the driver leaves."""
     from datetime import datetime
 
-    parts, first, last = [], float("inf"), 0.0
+    per_seed, first, last = {}, float("inf"), 0.0
     for s in seeds:
         out = runs_dir / f"seed_{s}"
         steps = json.loads((out / "warp_manifest.json").read_text())["steps"]
@@ -342,14 +342,44 @@ def _wall_times(runs_dir: Path, seeds: list[int]) -> str:
         frontier = datetime.fromisoformat(steps["frontier"]["finished"]).timestamp()
         evaluated = frontier - (out / "frontier.yaml").stat().st_mtime
         first, last = min(first, start), max(last, frontier)
-        parts.append(
-            f"seed {s}: training {(max(done) - start) / 60:.0f} min, frontier {evaluated / 60:.0f} min"
-        )
-    return (
-        f"{(last - first) / 60:.0f} min in all, first run started to last frontier written ("
-        + "; ".join(parts)
-        + ")"
+        per_seed[str(s)] = {
+            "training_min": round((max(done) - start) / 60),
+            "frontier_min": round(evaluated / 60),
+        }
+    day = datetime.fromtimestamp(first).astimezone()
+    return {
+        "seeds": list(seeds),
+        "started": day.isoformat(timespec="minutes"),
+        "total_min": round((last - first) / 60),
+        "per_seed": per_seed,
+        "schedule": schedule,
+    }
+
+
+def _sessions(results: Path, fresh: list[int], runs_dir: Path, schedule: str | None) -> list[dict[str, Any]]:
+    """The sessions behind the report: the committed summary.json's, for the seeds taken from `results`
+    (trained in an earlier session, whose runs are gone), then this one's for the seeds under `runs_dir`."""
+    kept = []
+    if (results / "summary.json").is_file():
+        for old in json.loads((results / "summary.json").read_text())["facts"].get("sessions", []):
+            seeds = [s for s in old["seeds"] if s not in fresh]
+            if seeds:  # its total_min stays the session's own: the seeds re-run now are listed in theirs
+                kept.append(
+                    {**old, "seeds": seeds, "per_seed": {str(s): old["per_seed"][str(s)] for s in seeds}}
+                )
+    return kept + ([_session(runs_dir, fresh, schedule)] if fresh else [])
+
+
+def _render_session(s: dict[str, Any]) -> str:
+    seeds = ", ".join(map(str, s["seeds"]))
+    per = "; ".join(
+        f"seed {k}: training {v['training_min']} min, frontier {v['frontier_min']} min"
+        for k, v in s["per_seed"].items()
     )
+    when = f" (started {s['started']})" if s.get("started") else ""  # the first session did not record it
+    line = f"- seeds {seeds}{when}: {s['total_min']} min in all, first run started to last frontier written"
+    line += f" ({per})."
+    return line + (f" Scheduled: {s['schedule']}." if s.get("schedule") else "")
 
 
 def write_report(
@@ -359,23 +389,29 @@ def write_report(
     config_path: Path | None = None,
     schedule: str | None = None,
 ) -> Path:
-    """Copy each seed's frontier and geometry into `results`, then summary.json, RESULTS.md, frontier.png."""
+    """Copy each seed's frontier and geometry into `results`, then summary.json, RESULTS.md, frontier.png.
+    A seed evaluated under `runs_dir` is copied from there; one that is not (an earlier session's: runs/
+    is not kept) is read from its committed files in `results`, with that session's wall times."""
     from experiments.warp_evidence import CONFIG, seed_config
     from warpkit._util.files import write_atomic
 
-    docs, geometries = {}, {}
+    docs, geometries, fresh = {}, {}, []
     for s in seeds:
         src, dst = runs_dir / f"seed_{s}", results / f"seed_{s}"
-        dst.mkdir(parents=True, exist_ok=True)
-        for name in ("frontier.json", "frontier.csv", "frontier.png"):
-            shutil.copyfile(src / "frontier" / name, dst / name)
-        shutil.copyfile(src / "geometry.json", dst / "geometry.json")
+        if (src / "frontier" / "frontier.json").is_file():
+            fresh.append(s)
+            dst.mkdir(parents=True, exist_ok=True)
+            for name in ("frontier.json", "frontier.csv", "frontier.png"):
+                shutil.copyfile(src / "frontier" / name, dst / name)
+            shutil.copyfile(src / "geometry.json", dst / "geometry.json")
+        elif not (dst / "frontier.json").is_file():
+            raise SystemExit(f"seed {s}: neither {src / 'frontier'} nor {dst} has a frontier.json; run "
+                             f"--phase train and --phase evaluate with --seeds {s} first")  # fmt: skip
         docs[s] = json.loads((dst / "frontier.json").read_text())
         geometries[s] = json.loads((dst / "geometry.json").read_text())
+    sessions = _sessions(results, fresh, runs_dir, schedule)
     summary = summarise_seeds(
-        docs,
-        geometries,
-        _facts(seed_config(seeds[0], runs_dir, config_path or CONFIG), docs, runs_dir, schedule),
+        docs, geometries, _facts(seed_config(seeds[0], runs_dir, config_path or CONFIG), docs, sessions)
     )
     write_atomic(results / "summary.json", json.dumps(summary, indent=1))
     write_atomic(results / "RESULTS.md", render(summary))

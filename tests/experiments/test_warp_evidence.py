@@ -136,6 +136,31 @@ def test_claims_are_read_from_the_frontier_output(experiment):
     assert (results / "frontier.png").stat().st_size > 10_000
 
 
+def test_a_later_session_adds_seeds_to_the_committed_results(experiment, tmp_path):
+    """Seeds trained in an earlier session (their runs/ gone) are read from the committed results, with that
+    session's wall times; the new seeds' come from their runs. The claims are those of one report of all."""
+    runs, results = experiment
+    old = json.loads((results / "summary.json").read_text())
+    committed, later = tmp_path / "results", tmp_path / "runs"
+    shutil.copytree(results, committed)
+    shutil.copytree(
+        runs / "seed_1", later / "seed_1"
+    )  # this session ran seed 1 again; seed 0's runs are gone
+    config = runs.parent / "experiment.yaml"
+    write_report([0, 1], later, committed, config, schedule="seed 1 alone")
+    summary = json.loads((committed / "summary.json").read_text())
+    assert summary["claims"] == old["claims"] and summary["points"] == old["points"]
+    [first] = old["facts"]["sessions"]
+    assert [s["seeds"] for s in summary["facts"]["sessions"]] == [[0], [1]]
+    assert summary["facts"]["sessions"][0]["per_seed"] == {"0": first["per_seed"]["0"]}
+    assert summary["facts"]["sessions"][1]["schedule"] == "seed 1 alone"
+    text = (committed / "RESULTS.md").read_text()
+    assert text == render(summary) and "- seeds 0 (started " in text and "- seeds 1 (started " in text
+    assert "--seeds 0 1" in summary["facts"]["command"]  # not the default seeds: the command says which
+    with pytest.raises(SystemExit, match=r"seed 2: neither .* has a frontier\.json"):
+        write_report([0, 1, 2], later, committed, config)
+
+
 def test_verdict_rule():
     assert verdict(+1, 0.01, 0.2) == "holds" and verdict(-1, -0.3, -0.1) == "holds"
     assert verdict(+1, -0.3, -0.1) == "contradicted"
