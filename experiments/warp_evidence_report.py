@@ -251,18 +251,31 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from warpkit.frontier.plot import method_colours
+
     fig, ax = plt.subplots(figsize=(10, 6.5))
     by_method: dict[str, list[dict[str, Any]]] = {}
     for p in summary["points"]:
         by_method.setdefault(p["method"], []).append(p)
-    for method, pts in by_method.items():
+    colours = method_colours(len(by_method))
+    for colour, (method, pts) in zip(colours, by_method.items(), strict=True):
         pts = sorted(pts, key=lambda p: p["kl_exact"]["mean"])
         x = [p["kl_exact"]["mean"] for p in pts]
         y = [p["reward"]["mean"] for p in pts]
         xe = [p["kl_exact"]["sd_across_seeds"] if len(p["seeds"]) > 1 else 0 for p in pts]
         ye = [p["reward"]["sd_across_seeds"] if len(p["seeds"]) > 1 else 0 for p in pts]
         seeds = max(len(p["seeds"]) for p in pts)
-        ax.errorbar(x, y, xerr=xe, yerr=ye, marker="o", ms=4, capsize=2, label=f"{method} ({seeds} seeds)")
+        ax.errorbar(
+            x,
+            y,
+            xerr=xe,
+            yerr=ye,
+            marker="o",
+            ms=4,
+            capsize=2,
+            color=colour,
+            label=f"{method} ({seeds} seeds)",
+        )
     ax.set_xscale("symlog", linthresh=1.0)
     ax.set_xlabel("KL(policy || SFT), nats per completion (exact per position)")
     ax.set_ylabel("reward (VADER), held-out prompts")

@@ -35,3 +35,17 @@ def test_rewards_png_only_with_extra_rewards(tmp_path):
     assert (out / "frontier.png").is_file() and not (out / "rewards.png").exists()
     assert "reward_fronts" not in json.loads((out / "frontier.json").read_text())
     assert "weights" in (out / "frontier.csv").read_text().splitlines()[0]
+
+
+def test_each_method_of_a_plot_gets_its_own_colour():
+    """Up to 20 methods, no two share a colour (the evidence plot has 11; tab10 repeated one), and up to
+    10 they are tab10's, as before."""
+    from matplotlib import colormaps
+
+    from warpkit.frontier.plot import method_colours
+
+    for n in range(1, 21):
+        colours = method_colours(n)
+        assert len(colours) == n and len(set(colours)) == n, n
+    assert method_colours(10) == [colormaps["tab10"](i) for i in range(10)]
+    assert method_colours(21)[20] == method_colours(21)[0]  # past 20 they cycle

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_frontier", "plot_rewards"]
+__all__ = ["method_colours", "plot_frontier", "plot_rewards"]
 
 _MARKERS = {"path": "o", "trajectory": "s", "liti": "^", "soup": "D", "reference": "*"}
 _GREY = "0.35"
@@ -49,7 +49,7 @@ def plot_frontier(
     labels = dict(method_labels or {})
     se_key = kl_key.replace("_mean", "_stderr")
     by_name = {p["name"]: p for p in points}
-    colours = plt.get_cmap("tab10")
+    colours = method_colours(len(_methods(points)))
     fig, ax = plt.subplots(figsize=(10, 7.5), dpi=150)
 
     def xy(p: Row) -> tuple[float, float]:
@@ -57,7 +57,7 @@ def plot_frontier(
 
     handles = []
     for c, method in enumerate(_methods(points)):
-        colour = colours(c % 10)
+        colour = colours[c]
         rows = [p for p in points if p["method"] == method]
         for p in rows:
             _errorbar(ax, xy(p), p.get(se_key), p.get("reward_stderr"), _MARKERS.get(p["kind"], "o"), colour)
@@ -103,7 +103,7 @@ def plot_rewards(
     plt, Line2D = _pyplot()
     labels = dict(method_labels or {})
     by_name = {p["name"]: p for p in points}
-    colours = plt.get_cmap("tab10")
+    colours = method_colours(len(_methods(points)))
     fig, ax = plt.subplots(figsize=(10, 7.5), dpi=150)
 
     def xy(p: Row) -> tuple[float, float]:
@@ -111,7 +111,7 @@ def plot_rewards(
 
     handles = []
     for c, method in enumerate(_methods(points)):
-        colour = colours(c % 10)
+        colour = colours[c]
         rows = [p for p in points if p["method"] == method]
         for p in rows:
             _errorbar(ax, xy(p), p["x"][1], p["y"][1], _MARKERS.get(p["kind"], "o"), colour, zorder=4)
@@ -131,6 +131,17 @@ def plot_rewards(
 
 
 # ----------------------------------------------------------------------------- shared pieces
+
+
+def method_colours(n: int) -> list[tuple[float, ...]]:
+    """`n` RGBA colours, one per method: tab10's up to 10 methods, tab20's beyond (its dark half first, so
+    the first ten stay close to tab10), cycling only past 20; a plot of 11 methods no longer repeats one."""
+    from matplotlib import colormaps
+
+    if n <= 10:
+        return [colormaps["tab10"](i) for i in range(n)]
+    order = [*range(0, 20, 2), *range(1, 20, 2)]
+    return [colormaps["tab20"](order[i % 20]) for i in range(n)]
 
 
 def _pyplot() -> tuple[Any, Any]:
