@@ -31,7 +31,7 @@ demo: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(BIN)/warpkit train configs/warp_default.yaml --output_dir $(DEMO_OUT)
 	@echo "warpkit demo: plot $(DEMO_OUT)/frontier/frontier.png, numbers $(DEMO_OUT)/frontier/frontier.json,"
 	@echo "              final init $(DEMO_OUT)/iter_2/next_init, manifest $(DEMO_OUT)/warp_manifest.json"
-	@echo "              the demo's budget is one seed of 8 RL steps: the evidence with 3 seeds and intervals"
+	@echo "              the demo's budget is one seed of 8 RL steps: the evidence with 5 seeds and intervals"
 	@echo "              is results/warp_evidence/RESULTS.md (python -m experiments.warp_evidence --jobs 3)"
 
 test: $(VENV)/.installed

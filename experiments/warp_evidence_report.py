@@ -336,51 +336,77 @@ def _facts(config: Any, docs: dict[int, dict[str, Any]], sessions: list[dict[str
     }
 
 
-def _session(runs_dir: Path, seeds: list[int], schedule: str | None) -> dict[str, Any]:
-    """The seeds trained and evaluated together under `runs_dir`: per seed, training (first run's start
-    marker to the last run's record) and frontier (its config written to its record) in minutes, and the
-    whole session (first run started to last frontier written), from the files the driver leaves."""
+def _seed_times(runs_dir: Path, seed: int) -> dict[str, float]:
+    """From the files the driver leaves: the seed's first run started, its last run recorded, its frontier
+    config written and its frontier recorded (epoch seconds)."""
     from datetime import datetime
 
-    per_seed, first, last = {}, float("inf"), 0.0
-    for s in seeds:
-        out = runs_dir / f"seed_{s}"
-        steps = json.loads((out / "warp_manifest.json").read_text())["steps"]
-        done = [
-            datetime.fromisoformat(v["finished"]).timestamp()
-            for k, v in steps.items()
-            if "run" in k or "baselines/" in k
-        ]
-        start = (out / "iter_1" / "run_1" / ".warpkit_fingerprint").stat().st_mtime
-        frontier = datetime.fromisoformat(steps["frontier"]["finished"]).timestamp()
-        evaluated = frontier - (out / "frontier.yaml").stat().st_mtime
-        first, last = min(first, start), max(last, frontier)
-        per_seed[str(s)] = {
-            "training_min": round((max(done) - start) / 60),
-            "frontier_min": round(evaluated / 60),
-        }
-    day = datetime.fromtimestamp(first).astimezone()
+    out = runs_dir / f"seed_{seed}"
+    steps = json.loads((out / "warp_manifest.json").read_text())["steps"]
+    done = [datetime.fromisoformat(v["finished"]).timestamp() for k, v in steps.items() if "run" in k or "baselines/" in k]  # fmt: skip
+    return {
+        "start": (out / "iter_1" / "run_1" / ".warpkit_fingerprint").stat().st_mtime,
+        "trained": max(done),
+        "evaluating": (out / "frontier.yaml").stat().st_mtime,
+        "end": datetime.fromisoformat(steps["frontier"]["finished"]).timestamp(),
+    }
+
+
+def group_sessions(times: dict[int, dict[str, float]]) -> list[list[int]]:
+    """Seeds whose [start, end] intervals overlap (or chain) ran in one session: the groups, in time order."""
+    groups: list[list[int]] = []
+    last_end = -math.inf
+    for seed in sorted(times, key=lambda s: times[s]["start"]):
+        if groups and times[seed]["start"] <= last_end:
+            groups[-1].append(seed)
+            last_end = max(last_end, times[seed]["end"])
+        else:
+            groups.append([seed])
+            last_end = times[seed]["end"]
+    return [sorted(g) for g in groups]
+
+
+def _session(seeds: list[int], times: dict[int, dict[str, float]], schedule: str | None) -> dict[str, Any]:
+    """One session: per seed, training (first run started to last run recorded) and frontier (its config
+    written to its record) in minutes, and the whole (first run started to last frontier written)."""
+    from datetime import datetime
+
+    first, last = min(times[s]["start"] for s in seeds), max(times[s]["end"] for s in seeds)
     return {
         "seeds": list(seeds),
-        "started": day.isoformat(timespec="minutes"),
+        "started": datetime.fromtimestamp(first).astimezone().isoformat(timespec="minutes"),
         "total_min": round((last - first) / 60),
-        "per_seed": per_seed,
+        "per_seed": {
+            str(s): {
+                "training_min": round((times[s]["trained"] - times[s]["start"]) / 60),
+                "frontier_min": round((times[s]["end"] - times[s]["evaluating"]) / 60),
+            }
+            for s in seeds
+        },
         "schedule": schedule,
     }
 
 
 def _sessions(results: Path, fresh: list[int], runs_dir: Path, schedule: str | None) -> list[dict[str, Any]]:
-    """The sessions behind the report: the committed summary.json's, for the seeds taken from `results`
-    (trained in an earlier session, whose runs are gone), then this one's for the seeds under `runs_dir`."""
-    kept = []
+    """The sessions behind the report. Seeds under `runs_dir` are grouped by time (`group_sessions`); a
+    group keeps the schedule the committed summary.json gave the same seeds, and the last group gets
+    `schedule` when given. Seeds read from `results` (an earlier session's, runs/ gone) keep their
+    session's entry from summary.json (its total_min stays that session's own)."""
+    previous = []
     if (results / "summary.json").is_file():
-        for old in json.loads((results / "summary.json").read_text())["facts"].get("sessions", []):
-            seeds = [s for s in old["seeds"] if s not in fresh]
-            if seeds:  # its total_min stays the session's own: the seeds re-run now are listed in theirs
-                kept.append(
-                    {**old, "seeds": seeds, "per_seed": {str(s): old["per_seed"][str(s)] for s in seeds}}
-                )
-    return kept + ([_session(runs_dir, fresh, schedule)] if fresh else [])
+        previous = json.loads((results / "summary.json").read_text())["facts"].get("sessions", [])
+    kept = []
+    for old in previous:
+        seeds = [s for s in old["seeds"] if s not in fresh]
+        if seeds:
+            kept.append({**old, "seeds": seeds, "per_seed": {str(s): old["per_seed"][str(s)] for s in seeds}})
+    times = {s: _seed_times(runs_dir, s) for s in fresh}
+    groups = group_sessions(times)
+    new = []
+    for n, group in enumerate(groups):
+        known = next((o.get("schedule") for o in previous if sorted(o["seeds"]) == group), None)
+        new.append(_session(group, times, schedule if schedule and n == len(groups) - 1 else known))
+    return kept + new
 
 
 def _render_session(s: dict[str, Any]) -> str:

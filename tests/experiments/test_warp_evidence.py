@@ -189,3 +189,22 @@ def test_the_cpu_and_gpu_recipes_load_and_train_what_the_claims_compare(name, tm
     for spec in baseline_specs(first, tmp_path / "sft", tmp_path):
         check_settings({**spec.run_config(), "data_seed": 0})
         assert spec.rl["max_steps"] == first.iterations * first.rl["max_steps"]  # equal sequential budget
+
+
+def test_seeds_are_grouped_into_sessions_by_overlapping_times():
+    """Seed 0 ran alone, 1 and 2 overlapped it (chained through 1), 3 and 4 ran a day later side by side."""
+    from experiments.warp_evidence_report import group_sessions
+
+    def t(start, end):
+        return {"start": start, "end": end}
+
+    times = {
+        0: t(0, 100),
+        1: t(10, 50),
+        2: t(90, 160),
+        3: t(86400, 90000),
+        4: t(86401, 89000),
+        5: t(90001, 90002),
+    }
+    assert group_sessions(times) == [[0, 1, 2], [3, 4], [5]]
+    assert group_sessions({}) == []
