@@ -242,3 +242,40 @@ def _state(job_id: str) -> str:
     from warpkit.loop.scheduler import job_state
 
     return job_state(job_id)
+
+
+def test_jobs_left_running_with_other_inputs_are_cancelled_not_adopted(warp_tiny_run, tmp_path):
+    """--detach leaves the jobs running; the same command with another learning rate must not re-attach to
+    them (their result would be recorded as the new inputs'): it cancels them before it touches their
+    folders, and trains its own jobs, named after the new inputs."""
+    _, _, env = warp_tiny_run
+    env = {**env, "WARPKIT_TEST_REWARD_SLEEP": "1.5"}
+    out = tmp_path / "warp"
+    cmd = [sys.executable, "-m", "warpkit.cli", "train", "configs/warp_tiny.yaml", "--output_dir", str(out),
+           *ONE_ITERATION, *SLOW_REWARD]  # fmt: skip
+    driver = subprocess.Popen([*cmd, "--detach"], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    _wait(lambda: (out / "warp_manifest.json").is_file() and len(_jobs(out)) == 2, what="two submissions")
+    old = {k: v[-1] for k, v in _jobs(out).items()}
+    _wait(lambda: all(_state(i) == "RUNNING" for i in old.values()), what="both jobs running")
+    driver.send_signal(signal.SIGTERM)
+    _, err = driver.communicate(timeout=120)
+    assert "running (--detach)" in err, err[-3000:]
+
+    done = subprocess.run([*cmd, "--rl.learning_rate", "3e-4"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "started with other inputs" in done.stderr
+    assert all(_state(i).startswith("CANCELLED") for i in old.values())
+    manifest = json.loads((out / "warp_manifest.json").read_text())
+    for key, old_id in old.items():
+        first, last = manifest["jobs"][key][0], manifest["jobs"][key][-1]
+        assert last["id"] != old_id and last["inputs"] != first["inputs"]
+        assert (
+            last["name"] != first["name"] and last["name"][:-8] == first["name"][:-8]
+        )  # same run, new inputs
+        run = out / key
+        assert (run / ".warpkit_fingerprint").read_text() == last["inputs"]
+        assert (
+            "3e-4" in (run / "warp_run.yaml").read_text() or "0.0003" in (run / "warp_run.yaml").read_text()
+        )
+        assert not list(run.glob(f"slurm-{old_id}.*")), "the cancelled job wrote into the new run's folder"

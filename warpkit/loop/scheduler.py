@@ -9,8 +9,10 @@ How the driver knows a job's end without accounting storage: the batch script wr
 it was stopped from outside (cancelled, preempted, out of time, node failure) or failed, and is resubmitted;
 the state `sacct` or `scontrol` gives (when they still know the job) is recorded and shown.
 
-Never a second submission of one run: each job's name is unique to (output_dir, run), so a driver killed
-between `sbatch` and writing the manifest finds its job in `squeue` by name.
+Never a second submission of one run: each job's name is unique to (output_dir, run, inputs), so a driver
+killed between `sbatch` and writing the manifest finds its job in `squeue` by name. A queued or running job
+of the same run with other inputs (a config changed after `--detach`, or after a crash) is cancelled before
+the run's folder is touched: re-attaching to it would record its result as the new inputs'.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import logging
 import shutil
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -119,16 +122,44 @@ class SlurmLauncher:
         self._states: dict[str, str] = {}
         self._lock = threading.Lock()
 
-    def job_name(self, spec: RunSpec) -> str:
-        """`warpkit-<hash of output_dir>-iter_1-run_2`: unique to the run, and one prefix per WARP run."""
+    @staticmethod
+    def run_prefix(spec: RunSpec) -> str:
+        """`warpkit-<hash of output_dir>-iter_1-run_2-`: the names of a run's jobs (one prefix per WARP run
+        up to the run key)."""
         out = spec.output_dir.resolve().parent.parent  # output_dir/iter_i/run_m, output_dir/baselines/name
         where = hashlib.sha256(str(out).encode()).hexdigest()[:8]
-        return f"warpkit-{where}-{spec.key.replace('/', '-')}"
+        return f"warpkit-{where}-{spec.key.replace('/', '-')}-"
+
+    def job_name(self, spec: RunSpec, inputs: str) -> str:
+        """`run_prefix` + a hash of the run's inputs: unique to the run and what it was started with."""
+        return self.run_prefix(spec) + hashlib.sha256(inputs.encode()).hexdigest()[:8]
 
     def prepare(self, spec: RunSpec, inputs: str) -> None:
-        """As the local launcher, but a run whose job is live or ended well keeps its folder untouched."""
+        """As the local launcher, but a run whose job is live or ended well keeps its folder untouched, and
+        jobs of the run started with other inputs are cancelled first (they would write into it)."""
+        self._cancel_stale(spec, inputs)
         if self._recorded_job(spec, inputs) is None:
             prepare_run_dir(spec, inputs)
+
+    def _queued(self, spec: RunSpec) -> dict[str, str]:
+        """job id -> name of the run's jobs in squeue (any inputs)."""
+        listed = _slurm("squeue", "-h", "-o", "%i %j", check=False).stdout.splitlines()
+        prefix = self.run_prefix(spec)
+        return {i: n for i, n in (ln.split(maxsplit=1) for ln in listed if " " in ln) if n.startswith(prefix)}
+
+    def _cancel_stale(self, spec: RunSpec, inputs: str, timeout: float = 120.0) -> None:
+        stale = sorted(i for i, n in self._queued(spec).items() if n != self.job_name(spec, inputs))
+        if not stale:
+            return
+        log.warning("%s: cancelling job(s) %s, started with other inputs (the config changed)", spec.key,
+                    " ".join(stale))  # fmt: skip
+        _slurm("scancel", *stale, check=False)
+        end = time.monotonic() + timeout
+        while set(stale) & set(self._queued(spec)):  # gone from squeue: it no longer writes to the folder
+            if time.monotonic() > end:
+                raise SlurmError(f"{spec.key}: job(s) {' '.join(stale)} of other inputs still in squeue "
+                                 f"{timeout:.0f} s after scancel; wait for them to end, then run again.")  # fmt: skip
+            time.sleep(min(self.config.poll_seconds, 1.0))
 
     def _recorded_job(self, spec: RunSpec, inputs: str) -> str | None:
         """The run's last recorded job, for these inputs, if it is still queued or running or ended well."""
@@ -172,7 +203,8 @@ class SlurmLauncher:
         if recorded is not None:
             log.info("%s: re-attached to job %s", spec.key, recorded)
             return recorded
-        found = _slurm("squeue", "-h", "--name", self.job_name(spec), "-o", "%i", check=False).stdout.split()
+        name = self.job_name(spec, inputs)
+        found = sorted(i for i, n in self._queued(spec).items() if n == name)
         if found:
             log.info("%s: re-attached to job %s (found by name)", spec.key, found[0])
             self._record(spec, found[0], inputs, state="PENDING")
@@ -183,7 +215,11 @@ class SlurmLauncher:
         script = spec.output_dir / "slurm_job.sh"
         script.write_text(
             batch_script(
-                self.config, self.job_name(spec), spec.output_dir, self.accelerate_config, self.workdir
+                self.config,
+                self.job_name(spec, inputs),
+                spec.output_dir,
+                self.accelerate_config,
+                self.workdir,
             )
         )
         job_id = _slurm("sbatch", "--parsable", str(script)).stdout.strip().split(";")[0]
@@ -223,7 +259,7 @@ class SlurmLauncher:
 
     def _record(self, spec: RunSpec, job_id: str, inputs: str, **fields: Any) -> None:
         self.manifest.record_job(
-            spec.key, {"id": job_id, "inputs": inputs, "name": self.job_name(spec), **fields}
+            spec.key, {"id": job_id, "inputs": inputs, "name": self.job_name(spec, inputs), **fields}
         )
 
     def interrupt(self) -> list[str]:
