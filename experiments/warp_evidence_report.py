@@ -415,9 +415,8 @@ def _render_session(s: dict[str, Any]) -> str:
         f"seed {k}: training {v['training_min']} min, frontier {v['frontier_min']} min"
         for k, v in s["per_seed"].items()
     )
-    when = f" (started {s['started']})" if s.get("started") else ""  # the first session did not record it
-    line = f"- seeds {seeds}{when}: {s['total_min']} min in all, first run started to last frontier written"
-    line += f" ({per})."
+    head = f"- seeds {seeds} (started {s['started']}): {s['total_min']} min in all"
+    line = f"{head}, first run started to last frontier written ({per})."
     return line + (f" Scheduled: {s['schedule']}." if s.get("schedule") else "")
 
 

@@ -143,9 +143,8 @@ def test_a_later_session_adds_seeds_to_the_committed_results(experiment, tmp_pat
     old = json.loads((results / "summary.json").read_text())
     committed, later = tmp_path / "results", tmp_path / "runs"
     shutil.copytree(results, committed)
-    shutil.copytree(
-        runs / "seed_1", later / "seed_1"
-    )  # this session ran seed 1 again; seed 0's runs are gone
+    # this session ran seed 1 again; seed 0's runs are gone
+    shutil.copytree(runs / "seed_1", later / "seed_1")
     config = runs.parent / "experiment.yaml"
     write_report([0, 1], later, committed, config, schedule="seed 1 alone")
     summary = json.loads((committed / "summary.json").read_text())

@@ -49,15 +49,15 @@ def plot_frontier(
     labels = dict(method_labels or {})
     se_key = kl_key.replace("_mean", "_stderr")
     by_name = {p["name"]: p for p in points}
-    colours = method_colours(len(_methods(points)))
+    methods = _methods(points)
+    colours = method_colours(len(methods))
     fig, ax = plt.subplots(figsize=(10, 7.5), dpi=150)
 
     def xy(p: Row) -> tuple[float, float]:
         return p[kl_key], p["reward_mean"]
 
     handles = []
-    for c, method in enumerate(_methods(points)):
-        colour = colours[c]
+    for method, colour in zip(methods, colours, strict=True):
         rows = [p for p in points if p["method"] == method]
         for p in rows:
             _errorbar(ax, xy(p), p.get(se_key), p.get("reward_stderr"), _MARKERS.get(p["kind"], "o"), colour)
@@ -103,15 +103,15 @@ def plot_rewards(
     plt, Line2D = _pyplot()
     labels = dict(method_labels or {})
     by_name = {p["name"]: p for p in points}
-    colours = method_colours(len(_methods(points)))
+    methods = _methods(points)
+    colours = method_colours(len(methods))
     fig, ax = plt.subplots(figsize=(10, 7.5), dpi=150)
 
     def xy(p: Row) -> tuple[float, float]:
         return p["x"][0], p["y"][0]
 
     handles = []
-    for c, method in enumerate(_methods(points)):
-        colour = colours[c]
+    for method, colour in zip(methods, colours, strict=True):
         rows = [p for p in points if p["method"] == method]
         for p in rows:
             _errorbar(ax, xy(p), p["x"][1], p["y"][1], _MARKERS.get(p["kind"], "o"), colour, zorder=4)
